@@ -1,0 +1,234 @@
+"""The whole exception tree of aiovirt, in one place.
+
+::
+
+    AiovirtError
+    ├── ConfigError                 a DomainConfig (or a value for one) is invalid     (also ValueError)
+    ├── InvalidURIError             a connection URI is malformed or names no driver   (also ValueError)
+    ├── DomainNotFoundError         no domain of that name
+    ├── DomainExistsError           a domain of that name (or UUID) already exists
+    ├── InvalidStateError           the operation is not allowed in the domain's state
+    ├── LaunchError                 QEMU exited (or could not be executed) while starting
+    ├── DestroyTimeoutError         graceful destroy: the process outlived SIGTERM's timeout
+    ├── ProcessBusyError            even SIGKILL did not end the process (uninterruptible sleep)
+    ├── EventsDroppedError          a subscriber fell behind and events were dropped for it
+    ├── QMPError                    anything about the QEMU monitor
+    │   ├── CommandError            QEMU answered a command with an error
+    │   ├── ConnectionLostError     the monitor closed (QEMU exited) or could not be reached
+    │   └── ProtocolError           the peer sent something that is not QMP
+    └── StateDirError               the state directory cannot be used
+        └── StateDirLockedError     another controller holds the state directory
+
+Every exception carries the objects that caused it as attributes (after qemu.qmp), so callers
+never parse messages. Timeouts chosen by the caller are anyio's own (``fail_after`` raises
+``TimeoutError``) and cancellation is never wrapped: neither appears here.
+
+This module imports nothing from aiovirt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "AiovirtError",
+    "CommandError",
+    "ConfigError",
+    "ConnectionLostError",
+    "DestroyTimeoutError",
+    "DomainExistsError",
+    "DomainNotFoundError",
+    "EventsDroppedError",
+    "InvalidStateError",
+    "InvalidURIError",
+    "LaunchError",
+    "ProcessBusyError",
+    "ProtocolError",
+    "QMPError",
+    "StateDirError",
+    "StateDirLockedError",
+]
+
+
+class AiovirtError(Exception):
+    """Base class of every error raised by aiovirt."""
+
+
+class ConfigError(AiovirtError, ValueError):
+    """A configuration is invalid.
+
+    ``errors`` lists the problems as ``(location, message)`` pairs, one per invalid field, so a
+    caller can show all of them at once.
+    """
+
+    def __init__(self, message: str, errors: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.errors: tuple[tuple[str, str], ...] = tuple(errors)
+
+
+class InvalidURIError(AiovirtError, ValueError):
+    """A connection URI is malformed or names no known driver."""
+
+    def __init__(self, uri: str, problem: str) -> None:
+        super().__init__(f"invalid connection URI {uri!r}: {problem}")
+        self.uri = uri
+        self.problem = problem
+
+
+class DomainNotFoundError(AiovirtError, LookupError):
+    """No domain has this name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"domain {name!r} not found")
+        self.name = name
+
+
+class DomainExistsError(AiovirtError):
+    """A domain with this name or UUID already exists."""
+
+    def __init__(self, name: str, detail: str = "") -> None:
+        super().__init__(f"domain {name!r} already exists" + (f": {detail}" if detail else ""))
+        self.name = name
+
+
+class InvalidStateError(AiovirtError):
+    """The operation is not allowed while the domain is in its current state."""
+
+    def __init__(self, name: str, operation: str, state: object, reason: object | None = None) -> None:
+        where = f"{state}" + (f" ({reason})" if reason is not None else "")
+        super().__init__(f"cannot {operation} domain {name!r}: it is {where}")
+        self.name = name
+        self.operation = operation
+        self.state = state
+        self.reason = reason
+
+
+class LaunchError(AiovirtError):
+    """QEMU could not be executed, or exited before it was running.
+
+    ``message`` is QEMU's own text from the domain's log (what it printed during this start),
+    ``returncode`` its exit status (negative: killed by that signal; None: unknown).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        message: str,
+        *,
+        returncode: int | None = None,
+        log_path: str | None = None,
+        argv: Sequence[str] = (),
+    ) -> None:
+        text = message.strip() or "QEMU exited without a message"
+        status = f" (exit status {returncode})" if returncode is not None else ""
+        super().__init__(f"domain {name!r} failed to start{status}: {text}")
+        self.name = name
+        self.message = message
+        self.returncode = returncode
+        self.log_path = log_path
+        self.argv = tuple(argv)
+
+
+class DestroyTimeoutError(AiovirtError):
+    """A graceful destroy gave up: the process still lives after SIGTERM and ``timeout`` seconds.
+
+    Nothing more was sent to it; the domain keeps its state and can be destroyed again.
+    """
+
+    def __init__(self, name: str, pid: int, timeout: float) -> None:
+        super().__init__(
+            f"domain {name!r}: QEMU process {pid} did not exit within {timeout:g} s of SIGTERM "
+            "(graceful destroy sends no SIGKILL)"
+        )
+        self.name = name
+        self.pid = pid
+        self.timeout = timeout
+
+
+class ProcessBusyError(AiovirtError):
+    """SIGKILL did not end the process within the wait: it is most likely in uninterruptible sleep.
+
+    ``proc_state`` is the kernel's state of the process (``/proc/PID/stat``), e.g. ``"D"``.
+    """
+
+    def __init__(self, name: str, pid: int, proc_state: str, timeout: float) -> None:
+        super().__init__(
+            f"domain {name!r}: QEMU process {pid} survived SIGKILL for {timeout:g} s "
+            f"(kernel state {proc_state!r}); it cannot be terminated now"
+        )
+        self.name = name
+        self.pid = pid
+        self.proc_state = proc_state
+        self.timeout = timeout
+
+
+class EventsDroppedError(AiovirtError):
+    """A subscriber's buffer was full: ``dropped`` events were discarded for it.
+
+    Raised by the subscription once the events that did fit were delivered. The subscription
+    stays usable: keep receiving to get the events that arrive from now on.
+    """
+
+    def __init__(self, dropped: int) -> None:
+        super().__init__(f"subscriber fell behind: {dropped} event(s) dropped")
+        self.dropped = dropped
+
+
+class QMPError(AiovirtError):
+    """Base class of errors about the QEMU monitor (QMP)."""
+
+
+class CommandError(QMPError):
+    """QEMU answered a command with an error.
+
+    ``error_class`` and ``desc`` are QEMU's own (e.g. ``"GenericError"``, ``"...not found"``).
+    """
+
+    def __init__(self, command: str, arguments: Mapping[str, Any] | None, error_class: str, desc: str) -> None:
+        super().__init__(f"QMP command {command!r} failed: {error_class}: {desc}")
+        self.command = command
+        self.arguments = dict(arguments or {})
+        self.error_class = error_class
+        self.desc = desc
+
+
+class ConnectionLostError(QMPError):
+    """The monitor connection closed or could not be established.
+
+    ``command`` is the command that was waiting for a reply, if any; the underlying exception,
+    if there was one, is ``__cause__``.
+    """
+
+    def __init__(self, message: str = "QMP connection lost", *, command: str | None = None) -> None:
+        super().__init__(message if command is None else f"{message} (while waiting for {command!r})")
+        self.command = command
+
+
+class ProtocolError(QMPError):
+    """The peer sent something that is not valid QMP (bad JSON, an over-long line, a bad greeting).
+
+    ``data`` is the offending bytes (possibly truncated).
+    """
+
+    def __init__(self, message: str, data: bytes = b"") -> None:
+        super().__init__(message)
+        self.data = data
+
+
+class StateDirError(AiovirtError):
+    """The state directory (or a file in it) cannot be used."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"state directory {path!r}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+class StateDirLockedError(StateDirError):
+    """Another controller holds the state directory's lock. ``pid`` is its process id if known."""
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        holder = f"process {pid}" if pid is not None else "another process"
+        super().__init__(path, f"locked by {holder}; one controller per state directory")
+        self.pid = pid

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up everything aiovirt needs on a fresh Debian/Ubuntu machine, idempotently:
+# QEMU and the tools that build the tiny test guest (OS packages), then a virtualenv in .venv
+# with aiovirt installed in editable mode with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+PKGS="qemu-system-x86 qemu-utils busybox-static cpio"
+missing=""
+for p in $PKGS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"; done
+# apt lists are also needed later by `apt-get download` (the tiny guest's kernel)
+if [ -n "$missing" ] || [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ]; then
+  $SUDO apt-get update -qq
+fi
+if [ -n "$missing" ]; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv || { DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null; "$PY" -m venv .venv; }
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
