@@ -1,0 +1,283 @@
+"""The on-disk state of one controller: layout, lock, atomic records, logs, monitor sockets.
+
+Layout (``ROOT`` and ``RUN`` come from the connection URI; for ``qemu:///embed?root=DIR`` both are
+under DIR, with ``RUN = DIR/run``)::
+
+    ROOT/               0700
+      lock              0600  flock held by the controller; holds its pid
+      domains/NAME.json 0600  persistent definitions (format 1: {"format", "autostart", "config"})
+      log/NAME.log      0600  QEMU's stdout and stderr, appended at every start
+      log/NAME.console  0600  the serial console, when the config enables it
+    RUN/                0700
+      NAME.json         0600  runtime record of a domain with a QEMU process (pid, start time, ...)
+      NAME.qmp          0600  its QMP monitor socket (bound by us, listened on by QEMU)
+
+Every record is written atomically: a temporary file in the same directory, then ``rename``. A
+crash at any instant leaves the old or the new file, never a torn one; stale temporary files are
+removed when the directory is opened (we hold the lock, so nobody else is writing). Definitions
+are also ``fsync``-ed (file and directory) so they survive a host crash; runtime records are not,
+because a host crash also ends every QEMU they describe.
+
+Files are opened relative to directory descriptors with ``O_NOFOLLOW``: a symlink planted inside
+the state directory is never followed. Unix socket paths are limited to 107 bytes; longer paths
+are reached through ``/proc/self/fd/DIRFD/NAME``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ._errors import StateDirError, StateDirLockedError
+
+__all__ = ["RECORD_FORMAT", "StateDir"]
+
+RECORD_FORMAT = 1
+_MAX_RECORD = 16 << 20
+_SUN_PATH_MAX = 107
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class StateDir:
+    """One controller's directories. Open with :meth:`open`, release with :meth:`close`."""
+
+    def __init__(self, root: Path, run: Path | None = None) -> None:
+        self.root = Path(root)
+        self.run = Path(run) if run is not None else self.root / "run"
+        self.domains = self.root / "domains"
+        self.logs = self.root / "log"
+        self._fds: dict[Path, int] = {}
+        self._lock_fd: int | None = None
+        self._tmp_counter = 0
+
+    # -- open / close -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the directories (0700), take the lock, remove stale temporary files."""
+        try:
+            for d in (self.root, self.domains, self.logs, self.run):
+                self._fds[d] = self._open_dir(d)
+            self._take_lock()
+            for d in (self.domains, self.run):
+                for name in self._listdir(d):
+                    if name.startswith(".") and name.endswith(".tmp"):
+                        os.unlink(name, dir_fd=self._fds[d])
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _open_dir(self, path: Path) -> int:
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, _DIR_FLAGS)
+        except OSError as exc:
+            raise StateDirError(str(path), f"cannot use directory: {exc.strerror}") from exc
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            os.close(fd)
+            raise StateDirError(str(path), f"owned by uid {st.st_uid}, not by us (uid {os.geteuid()})")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)  # ours, but made by someone with a looser umask
+        return fd
+
+    def _take_lock(self) -> None:
+        fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._fds[self.root])
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise StateDirLockedError(str(self.root), int(holder) if holder.isdigit() else None) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _fd(self, d: Path) -> int:
+        try:
+            return self._fds[d]
+        except KeyError:
+            raise StateDirError(str(self.root), "not open") from None
+
+    def _listdir(self, d: Path) -> list[str]:
+        return os.listdir(self._fd(d))
+
+    # -- records ------------------------------------------------------------------------------
+
+    def _write(self, d: Path, name: str, record: dict[str, Any], *, durable: bool) -> None:
+        dirfd = self._fd(d)
+        data = json.dumps({"format": RECORD_FORMAT, **record}, indent=2, sort_keys=True).encode() + b"\n"
+        self._tmp_counter += 1
+        tmp = f".{name}.{os.getpid()}.{self._tmp_counter}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dirfd)
+            raise
+        if durable:
+            os.fsync(dirfd)
+
+    def _read(self, d: Path, name: str) -> bytes:
+        """The raw bytes of a record. Raises FileNotFoundError, or StateDirError for a non-file."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self._fd(d))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StateDirError(str(d / name), "is a symbolic link; not followed") from exc
+            raise
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StateDirError(str(d / name), "is not a regular file")
+            return f.read(_MAX_RECORD + 1)
+
+    def _remove(self, d: Path, name: str, *, durable: bool) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self._fd(d))
+        if durable:
+            os.fsync(self._fd(d))
+
+    @staticmethod
+    def _names(entries: list[str]) -> Iterator[str]:
+        for entry in sorted(entries):
+            if entry.endswith(".json") and not entry.startswith("."):
+                yield entry[: -len(".json")]
+
+    def definition_path(self, name: str) -> Path:
+        return self.domains / f"{name}.json"
+
+    def definition_names(self) -> list[str]:
+        return list(self._names(self._listdir(self.domains)))
+
+    def read_definition(self, name: str) -> bytes:
+        return self._read(self.domains, f"{name}.json")
+
+    async def write_definition(self, name: str, record: dict[str, Any]) -> None:
+        """Durable and atomic; the fsyncs run in a worker thread to keep the event loop free."""
+        await anyio.to_thread.run_sync(lambda: self._write(self.domains, f"{name}.json", record, durable=True))
+
+    async def remove_definition(self, name: str) -> None:
+        await anyio.to_thread.run_sync(lambda: self._remove(self.domains, f"{name}.json", durable=True))
+
+    def runtime_path(self, name: str) -> Path:
+        return self.run / f"{name}.json"
+
+    def runtime_names(self) -> list[str]:
+        return list(self._names(self._listdir(self.run)))
+
+    def read_runtime(self, name: str) -> bytes:
+        return self._read(self.run, f"{name}.json")
+
+    def write_runtime(self, name: str, record: dict[str, Any]) -> None:
+        self._write(self.run, f"{name}.json", record, durable=False)
+
+    def remove_runtime(self, name: str) -> None:
+        self._remove(self.run, f"{name}.json", durable=False)
+        self._remove(self.run, f"{name}.qmp", durable=False)
+
+    # -- logs ---------------------------------------------------------------------------------
+
+    def log_path(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def console_path(self, name: str) -> Path:
+        return self.logs / f"{name}.console"
+
+    def open_log(self, name: str) -> tuple[int, int]:
+        """Open the domain's log for appending: ``(fd, offset where this run's output starts)``."""
+        fd = os.open(
+            f"{name}.log",
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=self._fd(self.logs),
+        )
+        return fd, os.lseek(fd, 0, os.SEEK_END)
+
+    def read_log(self, name: str, offset: int, limit: int = 64 << 10) -> str:
+        """QEMU's output from ``offset`` on (at most the last ``limit`` bytes)."""
+        try:
+            fd = os.open(f"{name}.log", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._fd(self.logs))
+        except FileNotFoundError:
+            return ""
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(fd).st_size
+            f.seek(max(offset, size - limit))
+            return f.read().decode(errors="replace")
+
+    def prepare_console(self, name: str) -> Path:
+        """Create the console file 0600 (QEMU would create it with its umask) and return its path."""
+        fd = os.open(
+            f"{name}.console",
+            os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=self._fd(self.logs),
+        )
+        os.close(fd)
+        return self.console_path(name)
+
+    def remove_logs(self, name: str) -> None:
+        for suffix in (".log", ".console"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{name}{suffix}", dir_fd=self._fd(self.logs))
+
+    # -- monitor sockets ----------------------------------------------------------------------
+
+    def monitor_path(self, name: str) -> Path:
+        return self.run / f"{name}.qmp"
+
+    def _socket_address(self, name: str) -> str:
+        path = str(self.monitor_path(name))
+        if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+            return path
+        return f"/proc/self/fd/{self._fd(self.run)}/{name}.qmp"
+
+    def bind_monitor(self, name: str) -> socket.socket:
+        """A listening unix socket for the domain's monitor (mode 0600), replacing a stale one."""
+        self._remove(self.run, f"{name}.qmp", durable=False)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self._socket_address(name))
+            os.chmod(f"{name}.qmp", 0o600, dir_fd=self._fd(self.run))
+            sock.listen(8)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def connect_monitor(self, name: str) -> socket.socket:
+        """A connected, non-blocking socket to the domain's monitor. Raises OSError if nobody listens."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # Connecting to a listening unix socket completes at once (it queues in the backlog).
+            sock.connect(self._socket_address(name))
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock

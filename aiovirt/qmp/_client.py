@@ -1,0 +1,505 @@
+"""An anyio QMP client: a short loop around :class:`~aiovirt.qmp.QMPCodec`.
+
+One reader task per connection routes replies to their callers by id and hands events, in
+order, to an ``on_event`` callback and to bounded subscriptions. Callers may run
+:meth:`QMPClient.execute` from any number of tasks at once; there are no timeouts inside
+(wrap calls in ``anyio.fail_after``), only the handshake at connection time is bounded.
+
+Given a plain connected :class:`socket.socket` the client does its own non-blocking I/O on it
+(one ``send`` syscall per command, no extra trip through the event loop); given any anyio
+``ByteStream`` it goes through the stream.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractContextManager, asynccontextmanager, suppress
+from typing import Any, Final, NoReturn, TypeAlias
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from .._broadcast import Broadcaster, Subscription
+from .._errors import CommandError, ConnectionLostError, ProtocolError
+from ._codec import CLOSED, NEED_DATA, Event, Greeting, QMPCodec, Response
+
+__all__ = ["QMPClient", "connect_unix"]
+
+# What one receive asks for: large enough that a burst of replies costs one wakeup.
+_RECEIVE_SIZE: Final = 65536
+# sun_path is 108 bytes including the terminating NUL.
+_MAX_UNIX_PATH: Final = 107
+# What a transport raises when the peer went away or it was closed under us.
+_IO_ERRORS: Final = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+# How long to wait before retrying a connect refused with EAGAIN (the listen backlog is full).
+_CONNECT_RETRY: Final = 0.01
+
+
+async def connect_unix(path: str | os.PathLike[str]) -> socket.socket:
+    """Connect a non-blocking unix stream socket to ``path``, also when it exceeds 107 bytes.
+
+    A long path is reached through ``/proc/self/fd/<fd>/<name>``, ``<fd>`` being an ``O_PATH``
+    descriptor of the socket's directory (closed again before returning). Raises OSError as
+    connect(2) does (FileNotFoundError: no socket; ConnectionRefusedError: nobody listens).
+    Cancellable; while the listener's backlog is full it retries.
+    """
+    raw = os.fsencode(path)
+    dirfd = -1
+    if len(raw) > _MAX_UNIX_PATH:
+        head, name = os.path.split(raw)
+        dirfd = os.open(head or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        raw = b"/proc/self/fd/%d/%s" % (dirfd, name)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(False)
+        while True:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            try:
+                sock.connect(raw)
+                return sock
+            except (BlockingIOError, InterruptedError):
+                # AF_UNIX reports a full backlog as EAGAIN, with nothing to wait on but time.
+                await anyio.sleep(_CONNECT_RETRY)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        if dirfd >= 0:
+            os.close(dirfd)
+
+
+class _SocketTransport:
+    """Non-blocking I/O straight on a connected socket (no asyncio transport, no stream wrapper).
+
+    A send that fits in the socket's buffer completes without yielding to the event loop, and
+    the number of bytes written is always known: ``torn`` is set only if a send was interrupted
+    after part of it went out.
+    """
+
+    __slots__ = ("_fd", "_sock", "torn")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.torn = False
+
+    async def receive(self) -> bytes:
+        """The next bytes from the peer; b"" at EOF. Raises OSError or ClosedResourceError."""
+        while True:
+            await anyio.wait_readable(self._fd)
+            try:
+                return self._sock.recv(_RECEIVE_SIZE)
+            except (BlockingIOError, InterruptedError):
+                continue  # a spurious wakeup
+
+    async def send(self, data: bytes) -> None:
+        try:
+            sent = self._sock.send(data, socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)
+        try:
+            while sent < len(data):
+                await anyio.wait_writable(self._fd)
+                with suppress(BlockingIOError, InterruptedError):
+                    sent += self._sock.send(view[sent:], socket.MSG_NOSIGNAL)
+        except BaseException:
+            self.torn = sent > 0
+            raise
+
+    async def aclose(self) -> None:
+        if self._sock.fileno() >= 0:
+            # Wakes any task still waiting on the fd (with ClosedResourceError) before it is reused.
+            anyio.notify_closing(self._fd)
+            self._sock.close()
+
+
+class _StreamTransport:
+    """I/O through any anyio byte stream.
+
+    How much of an interrupted send went out is unknown, so any interrupted send is ``torn``.
+    """
+
+    __slots__ = ("_stream", "torn")
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self._stream = stream
+        self.torn = False
+
+    async def receive(self) -> bytes:
+        try:
+            return await self._stream.receive(_RECEIVE_SIZE)
+        except anyio.EndOfStream:
+            return b""
+
+    async def send(self, data: bytes) -> None:
+        # A cancellation already pending is raised here, before anything is written, so that it
+        # is not mistaken for an interrupted write below.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        try:
+            await self._stream.send(data)
+        except BaseException:
+            self.torn = True
+            raise
+
+    async def aclose(self) -> None:
+        await anyio.aclose_forcefully(self._stream)
+
+
+_Transport: TypeAlias = "_SocketTransport | _StreamTransport"
+
+
+class _Call:
+    """One pending execute: woken by the reader with its reply, or with none when the connection ends."""
+
+    __slots__ = ("done", "response")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.response: Response | None = None
+
+
+class QMPClient:
+    """A connected, negotiated QMP monitor. Make one with :meth:`open` or :meth:`open_unix`.
+
+    Guarantees:
+
+    - :meth:`execute` may be called from many tasks at once: commands are written whole, one at a
+      time, and each caller gets the reply to its own command.
+    - Events reach ``on_event`` (first) and then every subscription, in the order QEMU sent them,
+      and an event QEMU sent before a reply is dispatched before that reply's caller resumes.
+    - Once the connection ends (EOF, error, protocol violation, :meth:`aclose`), every pending and
+      every later :meth:`execute` raises :class:`~aiovirt.ConnectionLostError`, subscriptions end
+      after draining, and :meth:`wait_closed` returns.
+    """
+
+    def __init__(
+        self,
+        stream: anyio.abc.ByteStream | socket.socket,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+        max_line: int = 1 << 20,
+    ) -> None:
+        """Wrap ``stream`` without any I/O. Use :meth:`open`, which also handshakes and reads."""
+        self._transport: _Transport = (
+            _SocketTransport(stream) if isinstance(stream, socket.socket) else _StreamTransport(stream)
+        )
+        self._codec = QMPCodec(max_line=max_line)
+        self._on_event = on_event
+        self._broadcaster: Broadcaster[Event] = Broadcaster()
+        self._pending: dict[str, _Call] = {}
+        # fast_acquire: an uncontended execute must not pay an extra trip through the event loop.
+        self._send_lock = anyio.Lock(fast_acquire=True)
+        self._closed = False
+        self._close_reason = "QMP connection lost"
+        self._close_cause: BaseException | None = None
+        self._send_broken: BaseException | None = None
+        self._closed_event = anyio.Event()
+        self._reader_scope = anyio.CancelScope()
+        self._greeting: Greeting | None = None
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        stream: anyio.abc.ByteStream | socket.socket,
+        *,
+        on_event: Callable[[Event], None] | None = None,
+        handshake_timeout: float = 10.0,
+        max_line: int = 1 << 20,
+    ) -> AsyncIterator[QMPClient]:
+        """Handshake on ``stream`` (which the client then owns), run the reader, yield the client.
+
+        ``stream`` is a connected anyio byte stream or a connected stream ``socket.socket`` (the
+        faster choice: the client then does non-blocking I/O on it directly; it must not be in
+        use by anything else).
+
+        The handshake (read the greeting, send ``qmp_capabilities``, read its reply) completes
+        within ``handshake_timeout`` seconds or raises ConnectionLostError whose ``__cause__`` is
+        the TimeoutError: a monitor that never greets (one already serving another client) is a
+        monitor that cannot be reached. A peer that closes during the handshake also raises
+        ConnectionLostError, one that does not speak QMP raises ProtocolError, and a refused
+        negotiation raises CommandError. On any failure the stream is closed.
+
+        On exit the stream is closed, pending calls fail with ConnectionLostError and the reader
+        has ended. An exception from the body propagates unchanged (never wrapped in a group);
+        an exception raised by ``on_event`` ends the connection and propagates out of the
+        ``async with`` in an ExceptionGroup (it is a bug in the callback, never swallowed).
+        """
+        client = cls(stream, on_event=on_event, max_line=max_line)
+        try:
+            await client._handshake(handshake_timeout)
+        except BaseException:
+            await client._transport.aclose()
+            raise
+        body_error: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client._read_loop)
+            try:
+                yield client
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:
+                # Held until the task group is gone, so the caller's own exception is not wrapped
+                # in an ExceptionGroup by it.
+                body_error = exc
+            finally:
+                await client.aclose()
+        if body_error is not None:
+            raise body_error
+
+    @classmethod
+    @asynccontextmanager
+    async def open_unix(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        on_event: Callable[[Event], None] | None = None,
+        handshake_timeout: float = 10.0,
+        max_line: int = 1 << 20,
+    ) -> AsyncIterator[QMPClient]:
+        """Connect to the monitor's unix socket at ``path`` (any length), then as :meth:`open`.
+
+        Connecting and handshaking together complete within ``handshake_timeout``. A socket that
+        cannot be connected (missing, refused: QEMU is gone) raises ConnectionLostError whose
+        ``__cause__`` is the OSError.
+        """
+        deadline = anyio.current_time() + handshake_timeout
+        try:
+            with anyio.fail_after(handshake_timeout):
+                sock = await connect_unix(path)
+        except TimeoutError as exc:
+            raise ConnectionLostError(
+                f"cannot connect to QMP socket {os.fsdecode(path)!r} within {handshake_timeout:g} s"
+            ) from exc
+        except OSError as exc:
+            raise ConnectionLostError(
+                f"cannot connect to QMP socket {os.fsdecode(path)!r}: {exc.strerror or exc}"
+            ) from exc
+        remaining = max(deadline - anyio.current_time(), 0.0)
+        async with cls.open(
+            sock, on_event=on_event, handshake_timeout=remaining, max_line=max_line
+        ) as client:
+            yield client
+
+    async def _handshake(self, limit: float) -> None:
+        try:
+            with anyio.fail_after(limit):
+                greeting = await self._receive_message()
+                if not isinstance(greeting, Greeting):  # pragma: no cover - the codec wants a greeting first
+                    raise ProtocolError(f"expected QMP's greeting, got {greeting!r}")
+                self._greeting = greeting
+                caps_id, data = self._codec.send_command("qmp_capabilities")
+                try:
+                    await self._transport.send(data)
+                except _IO_ERRORS as exc:
+                    raise ConnectionLostError(
+                        "QMP connection lost during the handshake", command="qmp_capabilities"
+                    ) from exc
+                while True:
+                    msg = await self._receive_message()
+                    if isinstance(msg, Event):
+                        self._dispatch_event(msg)
+                    elif isinstance(msg, Response):
+                        if msg.id != caps_id:
+                            self._unparsable(msg)  # the codec rejects any other id; None remains
+                        reply = msg
+                        break
+        except TimeoutError as exc:
+            raise ConnectionLostError(f"QMP handshake did not complete within {limit:g} s") from exc
+        if not reply.ok:
+            raise CommandError("qmp_capabilities", None, reply.error_class or "", reply.error_desc or "")
+
+    async def _receive_message(self) -> Greeting | Response | Event:
+        codec = self._codec
+        while True:
+            msg = codec.next_event()
+            if msg is NEED_DATA:
+                try:
+                    data = await self._transport.receive()
+                except _IO_ERRORS as exc:
+                    raise ConnectionLostError("QMP connection lost during the handshake") from exc
+                codec.receive_data(data)
+            elif msg is CLOSED:
+                raise ConnectionLostError("QMP connection closed by the peer during the handshake")
+            else:
+                return msg
+
+    # -- the reader ------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        cause: BaseException | None = None
+        reason = "QMP connection closed by QEMU"
+        try:
+            with self._reader_scope:
+                # The handshake may have buffered messages that followed the negotiation reply.
+                if self._dispatch_buffered():
+                    return
+                receive = self._transport.receive
+                feed = self._codec.receive_data
+                while True:
+                    try:
+                        data = await receive()
+                    except _IO_ERRORS as exc:
+                        cause, reason, data = exc, "QMP connection broken", b""
+                    feed(data)
+                    if self._dispatch_buffered():
+                        return
+        except ProtocolError as exc:
+            cause, reason = exc, "QMP connection closed: QEMU broke the protocol"
+        finally:
+            self._finish(reason, cause)
+            await self._transport.aclose()
+
+    def _dispatch_buffered(self) -> bool:
+        """Route every complete buffered message; True once the peer's EOF was reached."""
+        next_event = self._codec.next_event
+        pending = self._pending
+        while True:
+            msg = next_event()
+            if type(msg) is Response:
+                if msg.id is None:
+                    self._unparsable(msg)
+                call = pending.pop(msg.id, None)
+                # None: the caller was cancelled; its late reply is dropped.
+                if call is not None:
+                    call.response = msg
+                    call.done.set()
+            elif type(msg) is Event:
+                self._dispatch_event(msg)
+            elif msg is NEED_DATA:
+                return False
+            elif msg is CLOSED:
+                return True
+            else:  # pragma: no cover - the codec rejects a second greeting
+                raise ProtocolError("unexpected greeting")
+
+    def _dispatch_event(self, event: Event) -> None:
+        # on_event first: the Domain updates its state before any subscriber sees the event.
+        if self._on_event is not None:
+            self._on_event(event)
+        self._broadcaster.publish(event)
+
+    @staticmethod
+    def _unparsable(msg: Response) -> NoReturn:
+        # QEMU answers a request it could not parse with an id-less error. We only send valid
+        # JSON, so this cannot be attributed to one call, and guessing could misroute replies:
+        # end the connection, as qemu.qmp does.
+        raise ProtocolError(
+            f"QEMU could not parse a request: {msg.error_class}: {msg.error_desc}",
+            repr(msg).encode()[:512],
+        )
+
+    def _finish(self, reason: str, cause: BaseException | None) -> None:
+        """End the connection once: fail pending calls, end subscriptions, release wait_closed()."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_reason = reason
+        self._close_cause = cause
+        pending, self._pending = self._pending, {}
+        for call in pending.values():
+            call.done.set()  # with no response: the caller raises ConnectionLostError
+        self._broadcaster.close()
+        self._closed_event.set()
+
+    # -- the API ---------------------------------------------------------------------------
+
+    @property
+    def greeting(self) -> Greeting:
+        """QEMU's greeting (its version and capabilities)."""
+        assert self._greeting is not None, "the handshake has not completed"
+        return self._greeting
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has ended (by either side); no command can succeed after it."""
+        return self._closed
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Run ``command`` and return QEMU's ``return`` value.
+
+        Raises CommandError (QEMU's error class and text) when QEMU refuses it, and
+        ConnectionLostError (``command`` set, the cause chained) when the connection ended before
+        the reply. No timeout applies: use ``anyio.fail_after``. A cancelled call leaves the
+        client usable and its late reply is dropped; whether QEMU ran the command is then unknown.
+        Only if a write is interrupted after part of a command went out (possible only while
+        QEMU is not reading and the socket's buffer is full) is the connection ended, as it can
+        no longer be framed.
+        """
+        if self._closed or self._send_broken is not None:
+            raise self._lost(command)
+        call = _Call()
+        async with self._send_lock:
+            if self._closed or self._send_broken is not None:
+                raise self._lost(command)  # it ended while we waited for the lock
+            cmd_id, data = self._codec.send_command(command, arguments)
+            self._pending[cmd_id] = call
+            try:
+                await self._transport.send(data)
+            except BaseException as exc:
+                self._pending.pop(cmd_id, None)
+                self._send_failed(exc)
+                if isinstance(exc, _IO_ERRORS):
+                    raise ConnectionLostError("QMP connection lost", command=command) from exc
+                raise
+        try:
+            await call.done.wait()
+        except BaseException:
+            self._pending.pop(cmd_id, None)
+            raise
+        response = call.response
+        if response is None:
+            raise self._lost(command)
+        if response.error_class is not None:
+            raise CommandError(command, arguments, response.error_class, response.error_desc or "")
+        return response.result
+
+    def _send_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, _IO_ERRORS):
+            # The stream is broken: the reader will see the end and fail the pending calls once it
+            # has dispatched every event QEMU sent before it. No new command is sent meanwhile.
+            self._send_broken = exc
+        elif self._transport.torn:
+            # Interrupted mid-write: the peer may hold part of a line, so nothing sent later
+            # could be parsed by it. Give up the connection.
+            self._send_broken = exc
+            self._finish("QMP connection closed: a write was interrupted midway", exc)
+            self._reader_scope.cancel()
+        # Otherwise (cancelled before anything was written) nothing happened: the client is intact.
+
+    def _lost(self, command: str) -> ConnectionLostError:
+        exc = ConnectionLostError(self._close_reason, command=command)
+        exc.__cause__ = self._close_cause if self._closed else self._send_broken
+        return exc
+
+    def subscribe(self, max_buffer: int = 256) -> AbstractContextManager[Subscription[Event]]:
+        """A ``with`` block receiving every event dispatched while it is open.
+
+        Each subscription buffers up to ``max_buffer`` events; beyond that events are dropped for
+        it alone and its next receive (after the buffered ones) raises EventsDroppedError. It ends
+        (``async for`` stops) once the connection has ended and it has been drained.
+        """
+        return self._broadcaster.subscribe(max_buffer)
+
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended.
+
+        When QEMU closed it, every event QEMU sent before its EOF has been dispatched by then
+        (e.g. SHUTDOWN before the exit).
+        """
+        await self._closed_event.wait()
+
+    async def aclose(self) -> None:
+        """Close the connection from our side. Pending calls fail with ConnectionLostError. Idempotent."""
+        self._finish("QMP client closed", None)
+        self._reader_scope.cancel()
+        await self._transport.aclose()
