@@ -34,7 +34,7 @@ from ._errors import (
 from ._fleet import StopPolicy, StopResult, stop_domain
 from ._process import Process, proc_state
 from ._states import DomainEvent, DomainState, EventDetail, EventKind, StateReason
-from .config import DomainConfig, render_argv
+from .config import DomainConfig
 from .qmp._client import QMPClient
 from .qmp._codec import Event
 
@@ -69,9 +69,11 @@ class DomainInfo:
 
 
 class Domain:
-    """A virtual machine of a :class:`~aiovirt.Connection`. Get one from ``define``, ``create`` or ``lookup``."""
+    """A virtual machine of a :class:`~aiovirt.Connection` (from ``define``, ``create`` or ``lookup``)."""
 
-    def __init__(self, conn: Connection, config: DomainConfig, *, persistent: bool, autostart: bool = False) -> None:
+    def __init__(
+        self, conn: Connection, config: DomainConfig, *, persistent: bool, autostart: bool = False
+    ) -> None:
         self._conn = conn
         self._config = config
         self._running_config: DomainConfig | None = None
@@ -262,7 +264,12 @@ class Domain:
         return await qmp.execute(command, arguments or None)
 
     async def destroy(
-        self, graceful: bool = False, timeout: float = 10.0, *, kill_timeout: float = 30.0, remove_logs: bool = False
+        self,
+        graceful: bool = False,
+        timeout: float = 10.0,
+        *,
+        kill_timeout: float = 30.0,
+        remove_logs: bool = False,
     ) -> None:
         """Stop QEMU at once, as ``virDomainDestroy`` does: SIGTERM, then SIGKILL unless ``graceful``.
 
@@ -362,8 +369,7 @@ class Domain:
         """
         ready = False
         try:
-            stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
-            async with QMPClient.open(stream, on_event=self._on_qmp_event) as qmp:
+            async with QMPClient.open(sock, on_event=self._on_qmp_event) as qmp:
                 await on_ready(qmp)
                 ready = True
                 task_status.started()
@@ -413,7 +419,9 @@ class Domain:
         self._emit(EventKind.STOPPED, detail)
         self._conn._on_domain_stopped(self)
 
-    def _launch_error(self, exc: BaseException, proc: Process, log_offset: int, argv: list[str]) -> LaunchError:
+    def _launch_error(
+        self, exc: BaseException, proc: Process, log_offset: int, argv: list[str]
+    ) -> LaunchError:
         message = self._conn._statedir.read_log(self.name, log_offset).strip()
         if not message:
             message = str(exc) if not isinstance(exc, ConnectionLostError) else "QEMU closed its monitor"

@@ -185,7 +185,9 @@ class CommandError(QMPError):
     ``error_class`` and ``desc`` are QEMU's own (e.g. ``"GenericError"``, ``"...not found"``).
     """
 
-    def __init__(self, command: str, arguments: Mapping[str, Any] | None, error_class: str, desc: str) -> None:
+    def __init__(
+        self, command: str, arguments: Mapping[str, Any] | None, error_class: str, desc: str
+    ) -> None:
         super().__init__(f"QMP command {command!r} failed: {error_class}: {desc}")
         self.command = command
         self.arguments = dict(arguments or {})

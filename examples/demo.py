@@ -43,8 +43,10 @@ async def main() -> None:
                 await dom.shutdown()
                 with anyio.fail_after(60):
                     await dom.wait_for_state(aiovirt.DomainState.SHUTOFF)
-                print(f"{dom.name} is {dom.state}/{dom.reason} ({dom.shutdown_reason}) "
-                      f"after {time.monotonic() - t0:.2f} s")
+                print(
+                    f"{dom.name} is {dom.state}/{dom.reason} ({dom.shutdown_reason}) "
+                    f"after {time.monotonic() - t0:.2f} s"
+                )
                 while (event := events.receive_nowait()) is not None:
                     print(f"  event: {event.kind}/{event.detail}")
             if dom.reason != aiovirt.StateReason.SHUTDOWN:
@@ -52,6 +54,8 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     anyio.run(main, backend=parser.parse_args().backend)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import uuid
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -42,7 +42,9 @@ async def _assert_failed_start(
 
 
 async def test_missing_kernel(conn: aiovirt.Connection, state_root: Path, tmp_path: Path) -> None:
-    cfg = aiovirt.DomainConfig(name="nokernel", machine="pc", accel="tcg", memory_mib=32, kernel=tmp_path / "nope")
+    cfg = aiovirt.DomainConfig(
+        name="nokernel", machine="pc", accel="tcg", memory_mib=32, kernel=tmp_path / "nope"
+    )
     err = await _assert_failed_start(conn, state_root, cfg, str(tmp_path / "nope"))
     assert err.returncode == 1
     assert err.log_path is not None and "nope" in Path(err.log_path).read_text()
@@ -121,7 +123,9 @@ async def test_lookup_list_undefine(conn: aiovirt.Connection, state_root: Path, 
     assert conn.list_domains(active=True) == [y]
     assert conn.list_domains(active=False) == [x]
     record = json.loads((state_root / "domains" / "x.json").read_text())
-    assert record["format"] == 1 and record["config"]["name"] == "x" and record["config"]["uuid"] == str(x.uuid)
+    assert (
+        record["format"] == 1 and record["config"]["name"] == "x" and record["config"]["uuid"] == str(x.uuid)
+    )
 
     await x.undefine()
     assert not (state_root / "domains" / "x.json").exists()
@@ -148,8 +152,16 @@ async def test_definitions_survive_reconnect(uri: str) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["http:///x", "qemu://host/system", "qemu:///nowhere", "qemu:///embed", "qemu:///embed?root=rel/dir",
-     "qemu:///embed?root=/a&root=/b", "qemu:///session?x=1", ""],
+    [
+        "http:///x",
+        "qemu://host/system",
+        "qemu:///nowhere",
+        "qemu:///embed",
+        "qemu:///embed?root=rel/dir",
+        "qemu:///embed?root=/a&root=/b",
+        "qemu:///session?x=1",
+        "",
+    ],
 )
 def test_bad_uris(bad: str) -> None:
     with pytest.raises(aiovirt.InvalidURIError):

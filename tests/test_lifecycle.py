@@ -222,7 +222,12 @@ async def test_permissions(conn: aiovirt.Connection, state_root: Path) -> None:
     async with conn.run(none_config("perm")) as dom:
         for d in (state_root, state_root / "domains", state_root / "run", state_root / "log"):
             assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
-        for f in (state_root / "run" / "perm.qmp", state_root / "run" / "perm.json", dom.log_path, state_root / "lock"):
+        for f in (
+            state_root / "run" / "perm.qmp",
+            state_root / "run" / "perm.json",
+            dom.log_path,
+            state_root / "lock",
+        ):
             assert stat.S_IMODE(f.lstat().st_mode) == 0o600, f
         assert stat.S_ISSOCK((state_root / "run" / "perm.qmp").lstat().st_mode)
     defined = await conn.define(none_config("perm-def"))

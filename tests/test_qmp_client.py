@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -51,8 +49,8 @@ class Qemu:
 QEMU_ARGV = (
     "qemu-system-x86_64",
     *("-machine", "none", "-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-S"),
-    *("-mon", "chardev=mon,mode=control"),
 )
+MONITOR = ("-mon", "chardev=mon,mode=control")
 
 
 def _listening(bind_name: str) -> bool:
@@ -73,7 +71,12 @@ def spawn_qemu(directory: Path, bind_name: str) -> Qemu:
     log = directory / "qemu.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [*QEMU_ARGV, "-chardev", f"socket,id=mon,path={bind_name},server=on,wait=off"],
+            [
+                *QEMU_ARGV,
+                # The pidfile names the directory, so the suite's leak check recognises this QEMU.
+                *("-pidfile", str(directory / "qemu.pid")),
+                *("-chardev", f"socket,id=mon,path={bind_name},server=on,wait=off", *MONITOR),
+            ],
             cwd=directory,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -102,13 +105,9 @@ def reap(qemu: Qemu) -> None:
 
 
 @pytest.fixture
-def short_dir() -> Iterator[Path]:
-    # pytest's tmp_path can exceed the 107 bytes of a unix socket path.
-    path = Path(tempfile.mkdtemp(prefix="aiovirt-qmp-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def short_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # pytest's tmp_path (named after the test) can exceed the 107 bytes of a unix socket path.
+    return tmp_path_factory.mktemp("qmp")
 
 
 @pytest.fixture
@@ -454,11 +453,18 @@ class FakePeer:
     async def send(self, data: bytes) -> None:
         await self.stream.send(data)
 
+    async def reply(self, cmd: dict[str, Any], body: dict[str, Any] | None = None) -> None:
+        """Answer ``cmd`` as QEMU does: echo its id if it had one."""
+        msg = {"return": {}} if body is None else dict(body)
+        if "id" in cmd:
+            msg["id"] = cmd["id"]
+        await self.send(json.dumps(msg).encode() + b"\r\n")
+
     async def negotiate(self) -> None:
         await self.send(GREETING)
         cmd = await self.command()
         assert cmd["execute"] == "qmp_capabilities"
-        await self.send(b'{"return": {}, "id": "%s"}\r\n' % cmd["id"].encode())
+        await self.reply(cmd)
 
 
 @asynccontextmanager
@@ -502,19 +508,52 @@ async def test_fake_garbage_after_negotiation() -> None:
             assert client.closed
 
 
-async def test_fake_idless_error_ends_connection() -> None:
+PARSE_ERROR = b'{"error": {"class": "GenericError", "desc": "JSON parse error, stray bytes"}}\r\n'
+
+
+async def test_fake_idless_error_answers_the_command_sent_without_id() -> None:
     async def script(peer: FakePeer) -> None:
         await peer.negotiate()
-        await peer.command()
-        await peer.send(b'{"error": {"class": "GenericError", "desc": "JSON parse error, stray bytes"}}\r\n')
+        assert "id" not in await peer.command()  # nothing else pending: sent without an id
+        await peer.send(PARSE_ERROR)
+        await peer.reply(await peer.command())
         await anyio.sleep_forever()
 
     with anyio.fail_after(LIMIT):
         async with fake_monitor(script) as client:
-            with pytest.raises(ConnectionLostError) as info:
+            with pytest.raises(CommandError, match="stray bytes"):
                 await client.execute("query-status")
-            assert isinstance(info.value.__cause__, ProtocolError)
-            assert "could not parse" in str(info.value.__cause__)
+            assert await client.execute("query-status") == {}
+
+
+async def test_fake_unattributable_idless_error_ends_connection() -> None:
+    # An id-less error when every pending command carried its id: it cannot be attributed, and
+    # guessing could hand one caller another's reply.
+    async def script(peer: FakePeer) -> None:
+        await peer.negotiate()
+        first, second = await peer.command(), await peer.command()
+        assert "id" not in first
+        assert "id" in second
+        await peer.reply(first)
+        await peer.send(PARSE_ERROR)
+        await anyio.sleep_forever()
+
+    results: list[Any] = []
+
+    async def call() -> None:
+        try:
+            results.append(await client.execute("query-status"))
+        except ConnectionLostError as exc:
+            results.append(exc)
+
+    with anyio.fail_after(LIMIT):
+        async with fake_monitor(script) as client, anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            tg.start_soon(call)
+    assert {} in results
+    [lost] = [r for r in results if isinstance(r, ConnectionLostError)]
+    assert isinstance(lost.__cause__, ProtocolError)
+    assert "could not parse" in str(lost.__cause__)
 
 
 async def test_fake_never_greets() -> None:
@@ -551,9 +590,7 @@ async def test_fake_negotiation_refused() -> None:
     async def script(peer: FakePeer) -> None:
         await peer.send(GREETING)
         cmd = await peer.command()
-        await peer.send(
-            b'{"id": "%s", "error": {"class": "GenericError", "desc": "no"}}\r\n' % cmd["id"].encode()
-        )
+        await peer.reply(cmd, {"error": {"class": "GenericError", "desc": "no"}})
         await anyio.sleep_forever()
 
     with anyio.fail_after(LIMIT), pytest.raises(CommandError) as info:
@@ -577,3 +614,44 @@ async def test_fake_interrupted_write_ends_connection(transport: str) -> None:
             assert client.closed
             with pytest.raises(ConnectionLostError, match="interrupted"):
                 await client.execute("query-status")
+
+
+@pytest.mark.parametrize(
+    ("offered", "oob", "enabled"),
+    [(["oob"], True, ["oob"]), (["oob"], False, []), ([], True, [])],
+)
+async def test_fake_oob_negotiated_only_when_offered_and_wanted(
+    offered: list[str], oob: bool, enabled: list[str]
+) -> None:
+    negotiated: list[dict[str, Any]] = []
+
+    async def script(peer: FakePeer) -> None:
+        greeting = {
+            "QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": offered}
+        }
+        await peer.send(json.dumps(greeting).encode() + b"\r\n")
+        cmd = await peer.command()
+        negotiated.append(cmd)
+        await peer.reply(cmd)
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(LIMIT):
+        async with fake_monitor(script, oob=oob) as client:
+            assert client.greeting.capabilities == tuple(offered)
+    assert negotiated[0]["execute"] == "qmp_capabilities"
+    assert negotiated[0]["arguments"] == {"enable": enabled}
+
+
+async def test_without_oob(qemu: Qemu) -> None:
+    # The in-band-only monitor (what libvirt uses): same guarantees.
+    seen: list[Event] = []
+    with anyio.fail_after(LIMIT):
+        async with connect(qemu, on_event=seen.append, oob=False) as client:
+            async with anyio.create_task_group() as tg:
+                for _ in range(50):
+                    tg.start_soon(client.execute, "query-status")
+            await client.execute("cont")
+            assert names(seen) == ["RESUME"]
+            assert await client.execute("quit") == {}
+            await client.wait_closed()
+            assert names(seen) == ["RESUME", "SHUTDOWN"]

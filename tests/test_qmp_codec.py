@@ -38,8 +38,11 @@ GREETING_MSG = Greeting(
 )
 
 
-def caps_reply(cmd_id: str) -> bytes:
-    return b'{"return": {}, "id": "%s"}\r\n' % cmd_id.encode()
+def answer(sent: bytes, body: bytes = b'"return": {}') -> bytes:
+    """QEMU's reply line to the command ``sent``: it echoes the id if the command had one."""
+    cmd_id = json.loads(sent).get("id")
+    echo = b', "id": "%s"' % cmd_id.encode() if cmd_id is not None else b""
+    return b"{%s%s}\r\n" % (body, echo)
 
 
 def drain(codec: QMPCodec) -> list[Message]:
@@ -57,8 +60,8 @@ def ready_codec(max_line: int = 1 << 20) -> QMPCodec:
     codec = QMPCodec(max_line=max_line)
     codec.receive_data(GREETING)
     assert drain(codec) == [GREETING_MSG]
-    cmd_id, _ = codec.send_command("qmp_capabilities")
-    codec.receive_data(caps_reply(cmd_id))
+    cmd_id, sent = codec.send_command("qmp_capabilities")
+    codec.receive_data(answer(sent))
     assert drain(codec) == [Response(cmd_id, {})]
     assert codec.state is CodecState.READY
     return codec
@@ -66,14 +69,15 @@ def ready_codec(max_line: int = 1 << 20) -> QMPCodec:
 
 # -- one conversation, cut everywhere ---------------------------------------------------------
 
-# What a client sees: the greeting, the reply to qmp_capabilities (c1), then "cont" (c1 again: an
-# answered id is free) and "quit" (c2), each reply preceded by its event as QEMU sends them
-# (RESUME before cont's reply, SHUTDOWN before quit's).
+# What a client sees: the greeting, the reply to qmp_capabilities (c1, sent without an id as
+# nothing else was pending), then to "cont" (c1 again, an answered id being free; without an id)
+# and "quit" (c2, with its id since cont was pending), each reply preceded by its event as QEMU
+# sends them (RESUME before cont's reply, SHUTDOWN before quit's).
 CONVERSATION = (
     GREETING
-    + caps_reply("c1")
+    + b'{"return": {}}\r\n'
     + b'{"timestamp": {"seconds": 1700000000, "microseconds": 500000}, "event": "RESUME"}\r\n'
-    + b'{"return": {}, "id": "c1"}\r\n'
+    + b'{"return": {}}\r\n'
     + b'{"timestamp": {"seconds": 1700000001, "microseconds": 250000}, "event": "SHUTDOWN", '
     b'"data": {"guest": false, "reason": "host-qmp-quit"}}\r\n' + b'{"return": {}, "id": "c2"}\r\n'
 )
@@ -106,10 +110,10 @@ def converse(data: bytes, cuts: list[int]) -> list[Message]:
                 break
             out.append(msg)
             if isinstance(msg, Greeting):
-                assert codec.send_command("qmp_capabilities")[0] == "c1"
+                assert codec.send_command("qmp_capabilities") == ("c1", b'{"execute":"qmp_capabilities"}\n')
             elif msg == Response("c1", {}) and codec.state is CodecState.READY and len(out) == 2:
-                assert codec.send_command("cont")[0] == "c1"
-                assert codec.send_command("quit")[0] == "c2"
+                assert codec.send_command("cont") == ("c1", b'{"execute":"cont"}\n')
+                assert codec.send_command("quit") == ("c2", b'{"execute":"quit","id":"c2"}\n')
     codec.receive_data(b"")
     assert codec.next_event() is CLOSED
     return out
@@ -145,24 +149,27 @@ def test_conversation_every_pair_of_cuts_sampled(cuts: list[int]) -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        pytest.param(b'{"return": 1, "id": "c1"}\n', [Response("c1", 1)], id="lf"),
-        pytest.param(b'{"return": 1, "id": "c1"}\r\n', [Response("c1", 1)], id="crlf"),
-        pytest.param(b'\n\r\n  \r\n{"return": 1, "id": "c1"}\r\n\r\n', [Response("c1", 1)], id="blank-lines"),
+        pytest.param(b'{"return": 1}\n', [Response("c1", 1)], id="lf"),
+        pytest.param(b'{"return": 1}\r\n', [Response("c1", 1)], id="crlf"),
+        pytest.param(b'\n\r\n  \r\n{"return": 1}\r\n\r\n', [Response("c1", 1)], id="blank-lines"),
         pytest.param(
-            b'{"return": 1, "id": "c2"}\r\n{"return": 2, "id": "c1"}\n{"event": "STOP", '
+            b'{"return": 1}\r\n{"return": 2, "id": "c2"}\n{"event": "STOP", '
             b'"timestamp": {"seconds": 1, "microseconds": 0}}\r\n',
-            [Response("c2", 1), Response("c1", 2), Event("STOP", {}, 1.0)],
-            id="several-in-one-read-out-of-order",
+            [Response("c1", 1), Response("c2", 2), Event("STOP", {}, 1.0)],
+            id="several-in-one-read",
         ),
         pytest.param(
-            b'{"return": {"a": "\\u00e9"}, "id": "c1"}\r\n', [Response("c1", {"a": "é"})], id="escapes"
+            b'{"return": 2, "id": "c2"}\r\n{"return": 1}\r\n',
+            [Response("c2", 2), Response("c1", 1)],
+            id="out-of-order",
         ),
+        pytest.param(b'{"return": {"a": "\\u00e9"}}\r\n', [Response("c1", {"a": "é"})], id="escapes"),
     ],
 )
 def test_framing(data: bytes, expected: list[Message]) -> None:
     codec = ready_codec()
-    assert codec.send_command("a") == ("c1", b'{"execute":"a","id":"c1"}\n')
-    assert codec.send_command("b")[0] == "c2"
+    assert codec.send_command("a") == ("c1", b'{"execute":"a"}\n')
+    assert codec.send_command("b") == ("c2", b'{"execute":"b","id":"c2"}\n')
     codec.receive_data(data)
     assert drain(codec) == expected
 
@@ -172,7 +179,7 @@ def test_partial_line_is_scanned_once() -> None:
     # chunks is not re-searched from its start every time.
     codec = ready_codec()
     codec.send_command("x")
-    line = b'{"return": "' + b"a" * 1000 + b'", "id": "c1"}\r\n'
+    line = b'{"return": "' + b"a" * 1000 + b'"}\r\n'
     for i in range(len(line) - 1):
         codec.receive_data(line[i : i + 1])
         assert codec.next_event() is NEED_DATA
@@ -195,8 +202,9 @@ def test_partial_line_is_scanned_once() -> None:
         pytest.param(b'{"hello": 1}\r\n', "not a QMP message", id="unknown-object"),
         pytest.param(b'{"return": 1, "id": "c9"}\r\n', "never sent", id="unknown-id"),
         pytest.param(b'{"return": 1, "id": 1}\r\n', "never sent", id="non-string-id"),
-        pytest.param(b'{"error": "bad", "id": "c1"}\r\n', "error reply", id="error-not-object"),
-        pytest.param(b'{"error": {"class": "X"}, "id": "c1"}\r\n', "error reply", id="error-no-desc"),
+        pytest.param(b'{"return": 1, "id": "c1"}\r\n', "never sent", id="id-of-command-sent-without"),
+        pytest.param(b'{"error": "bad"}\r\n', "error reply", id="error-not-object"),
+        pytest.param(b'{"error": {"class": "X"}}\r\n', "error reply", id="error-no-desc"),
         pytest.param(b'{"event": "STOP"}\r\n', "event needs", id="event-no-timestamp"),
         pytest.param(
             b'{"event": 5, "timestamp": {"seconds": 1, "microseconds": 0}}\r\n', "event needs", id="ev-name"
@@ -208,6 +216,11 @@ def test_partial_line_is_scanned_once() -> None:
         ),
         pytest.param(
             b'{"event": "X", "timestamp": {"seconds": 1}}\r\n', "timestamp", id="event-bad-timestamp"
+        ),
+        pytest.param(
+            b'{"event": "X", "timestamp": {"seconds": 1%s, "microseconds": 0}}\r\n' % (b"0" * 400),
+            "timestamp",
+            id="event-huge-timestamp",
         ),
         pytest.param(GREETING, "second greeting", id="second-greeting"),
         pytest.param(b"[" * 100000 + b"\r\n", "not valid JSON", id="deep-nesting"),
@@ -275,7 +288,7 @@ def test_line_over_limit_without_newline(chunk: int) -> None:
 def test_line_over_limit_with_newline() -> None:
     codec = ready_codec(max_line=200)
     codec.send_command("x")
-    codec.receive_data(b'{"return": "' + b"x" * 200 + b'", "id": "c1"}\r\n')
+    codec.receive_data(b'{"return": "' + b"x" * 200 + b'"}\r\n')
     with pytest.raises(ProtocolError, match="longer than 200 bytes"):
         codec.next_event()
 
@@ -284,7 +297,7 @@ def test_line_at_limit_is_fine() -> None:
     # The limit counts the line's bytes before its "\n" (a "\r" included).
     codec = ready_codec(max_line=200)
     codec.send_command("x")
-    head, tail = b'{"return": "', b'", "id": "c1"}\r'
+    head, tail = b'{"return": "', b'"}\r'
     filler = 200 - len(head) - len(tail)
     codec.receive_data(head + b"x" * filler + tail + b"\n")
     assert codec.next_event() == Response("c1", "x" * filler)
@@ -306,7 +319,7 @@ def test_eof_after_messages() -> None:
     codec.send_command("quit")
     codec.receive_data(
         b'{"event": "SHUTDOWN", "timestamp": {"seconds": 1, "microseconds": 2}, "data": {"guest": false}}\r\n'
-        b'{"return": {}, "id": "c1"}\r\n'
+        b'{"return": {}}\r\n'
     )
     codec.receive_data(b"")
     assert codec.state is CodecState.CLOSED
@@ -356,10 +369,12 @@ def test_empty_connection() -> None:
 
 def test_replies_routed_by_id() -> None:
     codec = ready_codec()
-    ids = [codec.send_command("query-status")[0] for _ in range(3)]
-    assert ids == ["c1", "c2", "c3"]
+    sent = [codec.send_command("query-status") for _ in range(3)]
+    assert [json.loads(data).get("id") for _, data in sent] == [None, "c2", "c3"]
+    assert [cmd_id for cmd_id, _ in sent] == ["c1", "c2", "c3"]
     assert codec.pending_ids == {"c1", "c2", "c3"}
-    codec.receive_data(b'{"return": 3, "id": "c3"}\r\n{"return": 1, "id": "c1"}\r\n')
+    # The id-less reply is the one to the command sent without an id, whatever came before it.
+    codec.receive_data(b'{"return": 3, "id": "c3"}\r\n{"return": 1}\r\n')
     assert drain(codec) == [Response("c3", 3), Response("c1", 1)]
     assert codec.pending_ids == {"c2"}
     # An id is reused only once answered, never while its reply may still come.
@@ -373,30 +388,44 @@ def test_replies_routed_by_id() -> None:
         codec.next_event()
 
 
-def test_error_reply() -> None:
+@pytest.mark.parametrize("pending", [0, 1])
+def test_error_reply(pending: int) -> None:
     codec = ready_codec()
-    codec.send_command("nope")
+    for _ in range(pending):
+        codec.send_command("stop")
+    cmd_id, sent = codec.send_command("nope")
+    if pending:  # QEMU answers in order
+        codec.receive_data(b'{"return": {}}\r\n')
+        assert codec.next_event() == Response("c1", {})
     codec.receive_data(
-        b'{"id": "c1", "error": {"class": "CommandNotFound", '
-        b'"desc": "The command nope has not been found"}}\r\n'
+        answer(sent, b'"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}')
     )
     reply = codec.next_event()
-    assert reply == Response("c1", None, "CommandNotFound", "The command nope has not been found")
+    assert reply == Response(cmd_id, None, "CommandNotFound", "The command nope has not been found")
     assert isinstance(reply, Response)
     assert not reply.ok
     assert Response("c1", {}).ok
 
 
 def test_idless_error_reply() -> None:
-    # What QEMU answers to input it cannot parse: it cannot know the id.
+    # What QEMU answers to input it cannot parse: it cannot know the id. With no command sent
+    # without an id pending, it cannot be attributed.
     codec = ready_codec()
     codec.receive_data(b'{"error": {"class": "GenericError", "desc": "JSON parse error"}}\r\n')
     assert codec.next_event() == Response(None, None, "GenericError", "JSON parse error")
+    codec.send_command("a")
+    codec.send_command("b")
+    codec.receive_data(
+        b'{"return": 1}\r\n{"error": {"class": "GenericError", "desc": "JSON parse error"}}\r\n'
+    )
+    assert codec.next_event() == Response("c1", 1)
+    assert codec.next_event() == Response(None, None, "GenericError", "JSON parse error")
+    assert codec.pending_ids == {"c2"}
 
 
 def test_events_between_command_and_reply() -> None:
     codec = ready_codec()
-    quit_id, _ = codec.send_command("quit")
+    quit_id, sent = codec.send_command("quit")
     codec.receive_data(
         b'{"timestamp": {"seconds": 5, "microseconds": 0}, "event": "SHUTDOWN", '
         b'"data": {"guest": false, "reason": "host-qmp-quit"}}\r\n'
@@ -404,7 +433,7 @@ def test_events_between_command_and_reply() -> None:
     assert codec.next_event() == Event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"}, 5.0)
     assert codec.next_event() is NEED_DATA
     assert codec.pending_ids == {quit_id}
-    codec.receive_data(b'{"return": {}, "id": "%s"}\r\n' % quit_id.encode())
+    codec.receive_data(answer(sent))
     assert codec.next_event() == Response(quit_id, {})
 
 
@@ -436,17 +465,13 @@ def test_states() -> None:
     with pytest.raises(LocalProtocolError, match="qmp_capabilities"):
         codec.send_command("query-status")
     caps_id, data = codec.send_command("qmp_capabilities", {"enable": []})
-    assert json.loads(data) == {"execute": "qmp_capabilities", "arguments": {"enable": []}, "id": caps_id}
+    assert data == b'{"execute":"qmp_capabilities","arguments":{"enable":[]}}\n'
     # An error reply to the negotiation leaves it negotiating.
-    codec.receive_data(
-        b'{"id": "%s", "error": {"class": "GenericError", "desc": "no"}}\r\n' % caps_id.encode()
-    )
-    refused = codec.next_event()
-    assert isinstance(refused, Response)
-    assert not refused.ok
+    codec.receive_data(answer(data, b'"error": {"class": "GenericError", "desc": "no"}'))
+    assert codec.next_event() == Response(caps_id, None, "GenericError", "no")
     assert state(codec) is CodecState.NEGOTIATING
-    caps_id, _ = codec.send_command("qmp_capabilities")
-    codec.receive_data(caps_reply(caps_id))
+    caps_id, data = codec.send_command("qmp_capabilities")
+    codec.receive_data(answer(data))
     assert codec.next_event() == Response(caps_id, {})
     assert state(codec) is CodecState.READY
     codec.send_command("query-status")
@@ -480,16 +505,89 @@ def test_bad_arguments_leave_no_pending_id() -> None:
         ("x", {"s": "é\u2028\"'\\", "n": [1, 2.5, None, True], "o": {}}),
     ],
 )
-def test_send_command_encoding(command: str, arguments: dict[str, Any] | None) -> None:
+@pytest.mark.parametrize("pending", [False, True])
+def test_send_command_encoding(command: str, arguments: dict[str, Any] | None, pending: bool) -> None:
     codec = ready_codec()
+    if pending:
+        codec.send_command("stop")
     cmd_id, data = codec.send_command(command, arguments)
     assert data.endswith(b"\n")
     assert data.count(b"\n") == 1  # one line, whatever the strings hold
     assert data.isascii()
-    expected: dict[str, Any] = {"execute": command, "id": cmd_id}
+    expected: dict[str, Any] = {"execute": command}
     if arguments is not None:
         expected["arguments"] = arguments
+    if pending:  # the id goes on the wire only when another command is pending
+        expected["id"] = cmd_id
     assert json.loads(data) == expected
+
+
+def test_no_id_only_when_nothing_else_is_pending() -> None:
+    codec = ready_codec()
+    # Sequential commands never carry an id.
+    for _ in range(3):
+        cmd_id, data = codec.send_command("query-status")
+        assert (cmd_id, data) == ("c1", b'{"execute":"query-status"}\n')
+        codec.receive_data(b'{"return": {}}\r\n')
+        assert codec.next_event() == Response("c1", {})
+    # With one pending, the next ones carry theirs; the replies may come in any order.
+    assert codec.send_command("a") == ("c1", b'{"execute":"a"}\n')
+    assert codec.send_command("b") == ("c2", b'{"execute":"b","id":"c2"}\n')
+    codec.receive_data(b'{"return": "b", "id": "c2"}\r\n')
+    assert codec.next_event() == Response("c2", "b")
+    # c1 is still pending: c2 is free again but still goes with its id.
+    assert codec.send_command("c") == ("c2", b'{"execute":"c","id":"c2"}\n')
+    codec.receive_data(b'{"return": "a"}\r\n{"return": "c", "id": "c2"}\r\n')
+    assert drain(codec) == [Response("c1", "a"), Response("c2", "c")]
+    assert codec.pending_ids == frozenset()
+
+
+def test_late_reply_to_command_sent_without_id() -> None:
+    # A caller gave up on c1 (sent without an id); its reply still comes first, and is c1's.
+    codec = ready_codec()
+    codec.send_command("query-version")
+    assert codec.send_command("query-status") == ("c2", b'{"execute":"query-status","id":"c2"}\n')
+    codec.receive_data(b'{"return": {"qemu": {}}}\r\n{"return": {"status": "running"}, "id": "c2"}\r\n')
+    assert drain(codec) == [Response("c1", {"qemu": {}}), Response("c2", {"status": "running"})]
+
+
+def test_big_commands_carry_their_id() -> None:
+    # QEMU's parser may fail on big input (over 1024 levels of nesting) and its error has no
+    # id: a big command keeps its id so that error cannot pass for its reply.
+    codec = ready_codec()
+    cmd_id, data = codec.send_command("x", {"blob": "a" * 2000})
+    assert json.loads(data)["id"] == cmd_id
+    codec.receive_data(b'{"error": {"class": "GenericError", "desc": "JSON parse error"}}\r\n')
+    assert codec.next_event() == Response(None, None, "GenericError", "JSON parse error")
+    assert codec.pending_ids == {cmd_id}
+
+
+def test_abandon_frees_an_unsent_id() -> None:
+    codec = ready_codec()
+    assert codec.send_command("x")[0] == "c1"
+    assert codec.send_command("y")[0] == "c2"
+    codec.abandon("c1")  # its bytes were never sent
+    codec.abandon("c9")  # unknown: ignored
+    assert codec.pending_ids == {"c2"}
+    # No reply is expected for it any more, with or without its id.
+    codec.receive_data(b'{"return": 1}\r\n')
+    assert codec.next_event() == Response(None, 1)
+    codec.receive_data(b'{"return": 1, "id": "c1"}\r\n')
+    with pytest.raises(ProtocolError, match="never sent"):
+        codec.next_event()
+
+
+def test_abandoned_negotiation_does_not_complete_it() -> None:
+    codec = QMPCodec()
+    codec.receive_data(GREETING)
+    codec.next_event()
+    caps_id, _ = codec.send_command("qmp_capabilities")
+    codec.abandon(caps_id)
+    assert state(codec) is CodecState.NEGOTIATING
+    caps_id, data = codec.send_command("qmp_capabilities")
+    codec.receive_data(answer(data))
+    assert codec.next_event() == Response(caps_id, {})
+    assert state(codec) is CodecState.READY
 
 
 def test_max_line_must_be_positive() -> None:

@@ -1,7 +1,7 @@
 """QMP, the QEMU Machine Protocol: a sans-IO codec and an anyio client around it.
 
-The codec names are imported eagerly (stdlib only). ``QMPClient`` is imported on first access so
-that ``import aiovirt.qmp`` and ``import aiovirt.qmp._codec`` load no anyio.
+The codec names are imported eagerly (stdlib only). ``QMPClient`` and ``connect_unix`` are
+imported on first access, so that ``import aiovirt.qmp`` loads no anyio.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ._codec import (
 )
 
 if TYPE_CHECKING:
-    from ._client import QMPClient
+    from ._client import QMPClient, connect_unix
 
 __all__ = [
     "CLOSED",
@@ -36,12 +36,14 @@ __all__ = [
     "QMPCodec",
     "Response",
     "Sentinel",
+    "connect_unix",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "QMPClient":
-        from ._client import QMPClient
+    # PEP 562: the anyio client is imported only when first asked for.
+    if name in ("QMPClient", "connect_unix"):
+        from . import _client
 
-        return QMPClient
+        return getattr(_client, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,7 @@ Given a plain connected :class:`socket.socket` the client does its own non-block
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -63,6 +64,10 @@ async def connect_unix(path: str | os.PathLike[str]) -> socket.socket:
             except (BlockingIOError, InterruptedError):
                 # AF_UNIX reports a full backlog as EAGAIN, with nothing to wait on but time.
                 await anyio.sleep(_CONNECT_RETRY)
+            except OSError as exc:
+                if exc.errno != errno.EISCONN:  # an earlier attempt completed after all
+                    raise
+                return sock
     except BaseException:
         sock.close()
         raise
@@ -215,6 +220,7 @@ class QMPClient:
         on_event: Callable[[Event], None] | None = None,
         handshake_timeout: float = 10.0,
         max_line: int = 1 << 20,
+        oob: bool = True,
     ) -> AsyncIterator[QMPClient]:
         """Handshake on ``stream`` (which the client then owns), run the reader, yield the client.
 
@@ -229,6 +235,12 @@ class QMPClient:
         ConnectionLostError, one that does not speak QMP raises ProtocolError, and a refused
         negotiation raises CommandError. On any failure the stream is closed.
 
+        With ``oob`` (the default) QEMU's out-of-band capability is negotiated when offered: QEMU
+        then reads and parses the monitor in its own I/O thread while its main thread runs
+        commands, which speeds up concurrent callers (QEMU reads a monitor one byte per
+        main-loop iteration otherwise). The client never sends ``exec-oob``: every command still
+        runs in order, and events and replies keep their order.
+
         On exit the stream is closed, pending calls fail with ConnectionLostError and the reader
         has ended. An exception from the body propagates unchanged (never wrapped in a group);
         an exception raised by ``on_event`` ends the connection and propagates out of the
@@ -236,7 +248,7 @@ class QMPClient:
         """
         client = cls(stream, on_event=on_event, max_line=max_line)
         try:
-            await client._handshake(handshake_timeout)
+            await client._handshake(handshake_timeout, oob)
         except BaseException:
             await client._transport.aclose()
             raise
@@ -265,6 +277,7 @@ class QMPClient:
         on_event: Callable[[Event], None] | None = None,
         handshake_timeout: float = 10.0,
         max_line: int = 1 << 20,
+        oob: bool = True,
     ) -> AsyncIterator[QMPClient]:
         """Connect to the monitor's unix socket at ``path`` (any length), then as :meth:`open`.
 
@@ -286,18 +299,19 @@ class QMPClient:
             ) from exc
         remaining = max(deadline - anyio.current_time(), 0.0)
         async with cls.open(
-            sock, on_event=on_event, handshake_timeout=remaining, max_line=max_line
+            sock, on_event=on_event, handshake_timeout=remaining, max_line=max_line, oob=oob
         ) as client:
             yield client
 
-    async def _handshake(self, limit: float) -> None:
+    async def _handshake(self, limit: float, oob: bool) -> None:
         try:
             with anyio.fail_after(limit):
                 greeting = await self._receive_message()
                 if not isinstance(greeting, Greeting):  # pragma: no cover - the codec wants a greeting first
                     raise ProtocolError(f"expected QMP's greeting, got {greeting!r}")
                 self._greeting = greeting
-                caps_id, data = self._codec.send_command("qmp_capabilities")
+                enable = ["oob"] if oob and "oob" in greeting.capabilities else []
+                caps_id, data = self._codec.send_command("qmp_capabilities", {"enable": enable})
                 try:
                     await self._transport.send(data)
                 except _IO_ERRORS as exc:
@@ -337,24 +351,26 @@ class QMPClient:
 
     async def _read_loop(self) -> None:
         cause: BaseException | None = None
-        reason = "QMP connection closed by QEMU"
+        reason = "QMP client closed"  # unless the peer ended it (below), we did
         try:
             with self._reader_scope:
                 # The handshake may have buffered messages that followed the negotiation reply.
-                if self._dispatch_buffered():
-                    return
+                eof = self._dispatch_buffered()
                 receive = self._transport.receive
                 feed = self._codec.receive_data
-                while True:
+                while not eof:
                     try:
                         data = await receive()
                     except _IO_ERRORS as exc:
-                        cause, reason, data = exc, "QMP connection broken", b""
+                        cause, data = exc, b""
                     feed(data)
-                    if self._dispatch_buffered():
-                        return
+                    eof = self._dispatch_buffered()
+                reason = "QMP connection closed by QEMU" if cause is None else "QMP connection broken"
         except ProtocolError as exc:
             cause, reason = exc, "QMP connection closed: QEMU broke the protocol"
+        except Exception as exc:
+            cause, reason = exc, "QMP connection closed: the on_event callback raised"
+            raise
         finally:
             self._finish(reason, cause)
             await self._transport.aclose()
@@ -390,9 +406,10 @@ class QMPClient:
 
     @staticmethod
     def _unparsable(msg: Response) -> NoReturn:
-        # QEMU answers a request it could not parse with an id-less error. We only send valid
-        # JSON, so this cannot be attributed to one call, and guessing could misroute replies:
-        # end the connection, as qemu.qmp does.
+        # QEMU answers a request it could not parse with an id-less error. The codec already
+        # gave any id-less reply to the command sent without an id; this one, with every pending
+        # command carrying its id, cannot be attributed, and guessing could hand a caller another
+        # call's reply: end the connection, as qemu.qmp does.
         raise ProtocolError(
             f"QEMU could not parse a request: {msg.error_class}: {msg.error_desc}",
             repr(msg).encode()[:512],
@@ -447,7 +464,7 @@ class QMPClient:
                 await self._transport.send(data)
             except BaseException as exc:
                 self._pending.pop(cmd_id, None)
-                self._send_failed(exc)
+                self._send_failed(exc, cmd_id)
                 if isinstance(exc, _IO_ERRORS):
                     raise ConnectionLostError("QMP connection lost", command=command) from exc
                 raise
@@ -463,7 +480,7 @@ class QMPClient:
             raise CommandError(command, arguments, response.error_class, response.error_desc or "")
         return response.result
 
-    def _send_failed(self, exc: BaseException) -> None:
+    def _send_failed(self, exc: BaseException, cmd_id: str) -> None:
         if isinstance(exc, _IO_ERRORS):
             # The stream is broken: the reader will see the end and fail the pending calls once it
             # has dispatched every event QEMU sent before it. No new command is sent meanwhile.
@@ -474,7 +491,9 @@ class QMPClient:
             self._send_broken = exc
             self._finish("QMP connection closed: a write was interrupted midway", exc)
             self._reader_scope.cancel()
-        # Otherwise (cancelled before anything was written) nothing happened: the client is intact.
+        else:
+            # Cancelled before anything was written: nothing happened, the client is intact.
+            self._codec.abandon(cmd_id)
 
     def _lost(self, command: str) -> ConnectionLostError:
         exc = ConnectionLostError(self._close_reason, command=command)

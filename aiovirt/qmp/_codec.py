@@ -42,6 +42,9 @@ __all__ = [
 
 # How much of an offending line a ProtocolError carries: enough to recognise it, never megabytes.
 _REPORT_BYTES: Final = 512
+# Commands shorter than this may be sent without an id (see send_command). QEMU's JSON parser
+# fails only beyond 1024 levels of nesting or 64 MiB tokens, impossible in 1 KiB.
+_ANON_MAX: Final = 1024
 
 
 class LocalProtocolError(RuntimeError):
@@ -134,15 +137,18 @@ class QMPCodec:
       ``\\n`` or ``\\r\\n``; blank lines are ignored.
     - A line longer than ``max_line`` bytes (not counting its ``\\n``) raises ProtocolError as
       soon as that many bytes without a newline are buffered: memory stays bounded.
-    - Every reply carries an id this codec allocated and has not yet seen answered, else
-      ProtocolError (QEMU's id-less error for a request it could not parse is returned as a
-      Response with ``id=None``). Events may come at any time after the greeting, including between a
-      command and its reply.
+    - Every reply is matched to a command this codec sent and has not yet seen answered: by its
+      id, or, for an id-less reply, to the command sent without an id (see ``send_command``);
+      else ProtocolError. An id-less reply with no such command (QEMU's error for a request it
+      could not parse) is returned as a Response with ``id=None``.
+    - Events may come at any time after the greeting, including between a command and its
+      reply.
     - After a ProtocolError the codec is in state ERROR and ``next_event`` raises the same error
       again; after EOF and the messages before it, ``next_event`` returns :data:`CLOSED` forever.
     """
 
     __slots__ = (
+        "_anon",
         "_buf",
         "_caps_ids",
         "_eof",
@@ -174,6 +180,8 @@ class QMPCodec:
         # of commands in flight: QEMU reads its monitor one byte per main-loop iteration, so
         # every byte of a command costs latency.
         self._free_ids: list[str] = []
+        # The id of the command sent without an id on the wire, if its reply is still due.
+        self._anon: str | None = None
         self._caps_ids: set[str] = set()
 
     @property
@@ -195,7 +203,14 @@ class QMPCodec:
         """Encode ``command`` with an id; return ``(id, bytes to send)``.
 
         The id differs from that of every command still awaiting its reply (an id is reused only
-        once its reply has arrived, so a late reply can never be mistaken for a newer command's).
+        once its reply has arrived, so a late reply can never be mistaken for a newer command's),
+        and the reply to this command is returned with this id.
+
+        On the wire the id is left out when no other command is pending (and the command is under
+        1 KiB): QEMU runs in-band commands one at a time and answers them in order, so the next
+        id-less reply can only be this command's. QEMU reads its monitor one byte per main-loop
+        iteration, so the shorter command is answered sooner; sequential callers, the common
+        case, never send an id.
 
         The bytes are one JSON object and ``b"\\n"``. Raises LocalProtocolError before the
         greeting, for anything but ``qmp_capabilities`` while negotiating, and after EOF or a
@@ -215,11 +230,15 @@ class QMPCodec:
         free = self._free_ids
         cmd_id = free[-1] if free else f"c{self._next_id}"
         # Formatted by hand around json's encoder: this runs once per command on the hot path.
-        name = _encode(command)
-        if arguments is None:
-            text = f'{{"execute":{name},"id":"{cmd_id}"}}\n'
-        else:
-            text = f'{{"execute":{name},"arguments":{_encode(dict(arguments))},"id":"{cmd_id}"}}\n'
+        head = f'{{"execute":{_encode(command)}'
+        if arguments is not None:
+            head = f'{head},"arguments":{_encode(dict(arguments))}'
+        # With nothing else pending, the id stays off the wire: QEMU answers in-band commands in
+        # order, so the next id-less reply is this command's, and QEMU, which reads its monitor
+        # one byte per main-loop iteration, answers sooner. Small commands only: QEMU's JSON
+        # parser cannot fail on them, so no id-less parse error can be mistaken for this reply.
+        anonymous = not self._outstanding and len(head) < _ANON_MAX
+        text = f"{head}}}\n" if anonymous else f'{head},"id":"{cmd_id}"}}\n'
         data = text.encode("ascii")
         # Commit only once encoding succeeded, so a bad argument leaves no phantom pending id.
         if free:
@@ -227,9 +246,24 @@ class QMPCodec:
         else:
             self._next_id += 1
         self._outstanding.add(cmd_id)
+        if anonymous:
+            self._anon = cmd_id
         if command == "qmp_capabilities" and state is CodecState.NEGOTIATING:
             self._caps_ids.add(cmd_id)
         return cmd_id, data
+
+    def abandon(self, cmd_id: str) -> None:
+        """Release the id of a command whose bytes were never sent: no reply will come for it.
+
+        Only for a command none of whose bytes reached the peer; an id still pending otherwise
+        stays reserved until its (possibly late) reply arrives.
+        """
+        if cmd_id in self._outstanding:
+            self._outstanding.remove(cmd_id)
+            self._caps_ids.discard(cmd_id)
+            self._free_ids.append(cmd_id)
+            if cmd_id == self._anon:
+                self._anon = None
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -303,20 +337,26 @@ class QMPCodec:
 
     def _response(self, msg: dict[str, Any], line: bytearray) -> Response:
         cmd_id = msg.get("id")
+        if cmd_id is None:
+            # QEMU answers in order; the command sent without an id was the oldest pending one.
+            if self._anon is not None:
+                cmd_id, self._anon = self._anon, None
+        elif type(cmd_id) is not str or cmd_id not in self._outstanding or cmd_id == self._anon:
+            self._fail(f"a reply to id {cmd_id!r}, which was never sent or already answered", line)
+        negotiated = False
         if cmd_id is not None:
-            if type(cmd_id) is not str or cmd_id not in self._outstanding:
-                self._fail(f"a reply to id {cmd_id!r}, which was never sent or already answered", line)
             self._outstanding.remove(cmd_id)
             self._free_ids.append(cmd_id)
+            if self._caps_ids and cmd_id in self._caps_ids:
+                self._caps_ids.remove(cmd_id)
+                negotiated = True
         if "error" in msg:
             err = msg["error"]
             if type(err) is not dict or type(err.get("class")) is not str or type(err.get("desc")) is not str:
                 self._fail("an error reply needs an object with string 'class' and 'desc'", line)
             return Response(cmd_id, None, err["class"], err["desc"])
-        if cmd_id is not None and cmd_id in self._caps_ids:
-            self._caps_ids.discard(cmd_id)
-            if self._phase is CodecState.NEGOTIATING:
-                self._phase = CodecState.READY
+        if negotiated and self._phase is CodecState.NEGOTIATING:
+            self._phase = CodecState.READY
         return Response(cmd_id, msg["return"])
 
     def _event(self, msg: dict[str, Any], line: bytearray) -> Event:
@@ -327,7 +367,7 @@ class QMPCodec:
             self._fail("an event needs a string 'event', an object 'timestamp' and an object 'data'", line)
         try:
             timestamp = ts["seconds"] + ts["microseconds"] / 1e6
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, OverflowError):
             self._fail("an event timestamp needs numeric 'seconds' and 'microseconds'", line)
         return Event(name, data, float(timestamp))
 
