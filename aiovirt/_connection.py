@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,6 @@ import anyio.abc
 
 from ._broadcast import Broadcaster, Subscription
 from ._domain import Domain
-from ._fleet import StopPolicy, StopResult, stop_all
 from ._errors import (
     AiovirtError,
     ConfigError,
@@ -32,9 +32,10 @@ from ._errors import (
     LaunchError,
     StateDirError,
 )
+from ._fleet import StopPolicy, StopResult, stop_all
 from ._process import Process, ProcessIdentity, find_processes_with_arg, read_identity
-from ._states import DomainEvent, DomainState, EventDetail, EventKind, StateReason
 from ._statedir import RECORD_FORMAT, StateDir
+from ._states import DomainEvent, DomainState, EventDetail, EventKind, StateReason
 from .config import DomainConfig, render_argv
 from .qmp._client import QMPClient
 
@@ -87,6 +88,8 @@ def parse_uri(uri: str | None = None) -> ParsedURI:
         raise InvalidURIError(text, f"unknown driver {parts.scheme or '(none)'!r}; expected 'qemu'")
     if parts.netloc:
         raise InvalidURIError(text, "remote hosts are not supported; use qemu:///...")
+    if parts.fragment or text.endswith("#"):
+        raise InvalidURIError(text, "a fragment (#...) means nothing here")
     try:
         query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError as exc:
@@ -98,6 +101,8 @@ def parse_uri(uri: str | None = None) -> ParsedURI:
         roots = query.get("root", [])
         if len(roots) != 1 or not roots[0]:
             raise InvalidURIError(text, "qemu:///embed needs exactly one root=DIR")
+        if "\0" in roots[0]:
+            raise InvalidURIError(text, "root contains a NUL byte")
         root = Path(roots[0])
         if not root.is_absolute():
             raise InvalidURIError(text, f"root must be an absolute path, not {roots[0]!r}")
@@ -135,6 +140,8 @@ class Connection:
         self._domains: dict[str, Domain] = {}
         self._events: Broadcaster[DomainEvent] = Broadcaster()
         self._closed = False
+        # Serialises changes to the table of names (define writes a file between check and insert).
+        self._table_lock = anyio.Lock()
         #: What could not be loaded from the state directory (the files are kept, never deleted).
         self.problems: list[StateProblem] = []
 
@@ -161,10 +168,16 @@ class Connection:
         effect at the next start. A name or UUID used by another domain raises :class:`DomainExistsError`.
         """
         self._check_open()
+        async with self._table_lock:  # the name must not be taken while the record is written
+            return await self._define(config)
+
+    async def _define(self, config: DomainConfig) -> Domain:
         config = self._complete(config)
         existing = self._check_unique(config)
         autostart = existing.autostart if existing is not None else False
-        await self._statedir.write_definition(config.name, self._definition_record(config, autostart=autostart))
+        await self._statedir.write_definition(
+            config.name, self._definition_record(config, autostart=autostart)
+        )
         if existing is None:
             dom = Domain(self, config, persistent=True)
             self._domains[config.name] = dom
@@ -178,11 +191,12 @@ class Connection:
     async def create(self, config: DomainConfig) -> Domain:
         """Start a transient domain (no definition is stored; it is gone once it stops)."""
         self._check_open()
-        config = self._complete(config)
-        if self._check_unique(config) is not None:
-            raise DomainExistsError(config.name)
-        dom = Domain(self, config, persistent=False)
-        self._domains[config.name] = dom
+        async with self._table_lock:
+            config = self._complete(config)
+            if self._check_unique(config) is not None:
+                raise DomainExistsError(config.name)
+            dom = Domain(self, config, persistent=False)
+            self._domains[config.name] = dom
         try:
             await dom.start()
         except BaseException:
@@ -204,10 +218,8 @@ class Connection:
         finally:
             with anyio.move_on_after(_RUN_CLEANUP_TIMEOUT, shield=True):
                 if dom.active:
-                    try:
+                    with contextlib.suppress(InvalidStateError):  # it may stop on its own meanwhile
                         await dom.destroy()
-                    except InvalidStateError:
-                        pass  # it stopped on its own meanwhile
 
     @asynccontextmanager
     async def subscribe(self, max_buffer: int = 1024) -> AsyncIterator[Subscription[DomainEvent]]:
@@ -233,9 +245,11 @@ class Connection:
         each result as it completes. Cancellation sends no further signal.
         """
         self._check_open()
-        targets = self.list_domains(active=True) if domains is None else [
-            d if isinstance(d, Domain) else self.lookup(d) for d in domains
-        ]
+        targets = (
+            self.list_domains(active=True)
+            if domains is None
+            else [d if isinstance(d, Domain) else self.lookup(d) for d in domains]
+        )
         return await stop_all(targets, policy or StopPolicy(), limit, on_result)
 
     # -- internals used by Domain ---------------------------------------------------------------
@@ -331,8 +345,12 @@ class Connection:
                     sd.remove_runtime(name)
                     dom._running_config = None
                     dom._set_state(DomainState.SHUTOFF, StateReason.FAILED)
+                    dom._emit(EventKind.STOPPED, EventDetail.FAILED)
                     raise LaunchError(
-                        name, f"cannot execute {argv[0]!r}: {exc.strerror}", log_path=str(dom.log_path), argv=argv
+                        name,
+                        f"cannot execute {argv[0]!r}: {exc.strerror}",
+                        log_path=str(dom.log_path),
+                        argv=argv,
                     ) from exc
             finally:
                 listener.close()  # QEMU holds its own copy; once it exits our connection sees EOF
@@ -364,21 +382,30 @@ class Connection:
         self.problems.append(problem)
         logger.warning("aiovirt state directory problem: %s", problem)
 
-    def _set_aside(self, path: Path, kind: str, exc: Exception) -> None:
-        """A record we cannot read: keep it (renamed so it is not read again) and report it."""
-        aside = path.with_name(path.name + ".corrupt")
+    def _set_aside(self, path: Path, kind: str, exc: BaseException, note: str = "") -> None:
+        """A record we cannot use: keep it (renamed so it is not read again) and report it."""
         try:
-            os.replace(path, aside)
+            aside = self._statedir.set_aside(path)
         except OSError:
             aside = path
-        self._problem(aside, kind, f"unreadable record set aside: {exc}")
+        self._problem(aside, kind, f"unreadable record set aside: {exc}{note}")
 
-    def _read_record(self, raw: bytes, path: Path) -> dict[str, Any]:
-        data = json.loads(raw)
+    def _report_earlier_set_asides(self, directory: Path, kind: str) -> None:
+        for path in self._statedir.set_aside_paths(directory):
+            if not any(p.path == path for p in self.problems):
+                self._problem(path, kind, "unreadable record set aside by an earlier connection")
+
+    @staticmethod
+    def _read_record(raw: bytes, path: Path) -> dict[str, Any]:
+        try:
+            data = json.loads(raw)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
-        if data.get("format") != RECORD_FORMAT:
-            raise ValueError(f"unknown record format {data.get('format')!r}")
+        version = data.get("format")
+        if type(version) is not int or version != RECORD_FORMAT:
+            raise ValueError(f"unknown record format {version!r} (this version reads {RECORD_FORMAT})")
         config = data.get("config")
         if not isinstance(config, dict) or f"{config.get('name')}.json" != path.name:
             raise ValueError("its config does not name this file")
@@ -397,46 +424,82 @@ class Connection:
             except (ValueError, AiovirtError, OSError) as exc:
                 self._set_aside(path, "definition", exc)
                 continue
-            self._domains[name] = Domain(self, config, persistent=True, autostart=data.get("autostart") is True)
-        for path in sorted(sd.domains.glob("*.corrupt")):
-            if not any(p.path == path for p in self.problems):
-                self._problem(path, "definition", "unreadable record set aside by an earlier connection")
+            self._domains[name] = Domain(
+                self, config, persistent=True, autostart=data.get("autostart") is True
+            )
+        self._report_earlier_set_asides(sd.domains, "definition")
 
     async def _reattach_all(self) -> None:
         """Take back every QEMU that a runtime record describes (see ``_reattach``)."""
         sd = self._statedir
         for name in sd.runtime_names():
             path = sd.runtime_path(name)
+            dom = self._domains.get(name)
             try:
                 record = self._read_record(sd.read_runtime(name), path)
                 config = DomainConfig.parse(record["config"])
+                if dom is None:
+                    self._check_unique(config)
             except (ValueError, AiovirtError, OSError) as exc:
-                self._set_aside(path, "runtime", exc)
-                dom = self._domains.get(name)
-                if dom is not None:
+                if dom is None:
+                    # A transient domain's config lived only in this record: its QEMU, if one
+                    # still runs, cannot be managed. Say which one it is; never signal it.
+                    self._set_aside(path, "runtime", exc, await self._orphan_note(name))
+                else:
+                    self._set_aside(path, "runtime", exc)
                     # Its QEMU may still run: find it by UUID so that it never runs twice.
-                    await self._reattach(dom, dom.config, None, "starting")
+                    await self._reattach(dom, dom.config, None, "unknown")
                 continue
-            dom = self._domains.get(name)
-            if dom is None or dom.uuid != config.uuid:
-                if dom is not None:
-                    self._problem(path, "runtime", f"UUID differs from the definition's {dom.uuid}; kept as transient")
-                    continue
+            if dom is not None and dom.uuid != config.uuid:
+                # Edited by hand: another machine under this name. Its QEMU is left alone.
+                note = f"; its UUID {config.uuid} is not the definition's {dom.uuid}"
+                self._set_aside(path, "runtime", ValueError("conflicting record"), note)
+                continue
+            if dom is None:
                 dom = Domain(self, config, persistent=False)
                 self._domains[name] = dom
             pid, start_time = record.get("pid"), record.get("start_time")
-            identity = ProcessIdentity(pid, start_time) if isinstance(pid, int) and isinstance(start_time, int) else None
+            identity = (
+                ProcessIdentity(pid, start_time)
+                if type(pid) is int and type(start_time) is int and pid > 0
+                else None
+            )
             await self._reattach(dom, config, identity, str(record.get("phase")))
+        self._report_earlier_set_asides(sd.run, "runtime")
+
+    async def _orphan_note(self, name: str) -> str:
+        """Which QEMU (if any) still serves ``name``'s monitor: asked through the monitor itself."""
+        try:
+            sock = self._statedir.connect_monitor(name)
+        except (OSError, StateDirError):
+            return "; no QEMU serves its monitor"
+        uuid = None
+        with anyio.move_on_after(5):
+            try:
+                async with QMPClient.open(sock, handshake_timeout=5) as qmp:
+                    uuid = (await qmp.execute("query-uuid"))["UUID"]
+            except (AiovirtError, OSError, KeyError, TypeError):
+                pass
+        pids = list(find_processes_with_arg("-uuid", uuid)) if isinstance(uuid, str) else []
+        if not pids:
+            return "; its monitor does not tell which QEMU serves it"
+        return f"; QEMU pid {', '.join(map(str, pids))} (UUID {uuid}) still runs and is not managed"
 
     async def _reattach(
         self, dom: Domain, config: DomainConfig, identity: ProcessIdentity | None, phase: str
     ) -> None:
+        """Take back ``dom``'s QEMU, if it still is that QEMU, and supervise it again.
+
+        ``identity`` is the recorded pid and start time (None: search by the UUID on QEMU's
+        command line). A process that is gone, or that is another process now, is never
+        signalled: the domain is SHUTOFF with reason ``daemon``. ``phase`` is the recorded
+        phase: ``starting`` means the last controller died during the start, which is finished.
+        """
         sd = self._statedir
         name = dom.name
         uuid = str(config.uuid)
         proc: Process | None = None
         if identity is None:
-            # A crash between recording the launch and recording its pid: look for it by UUID.
             for pid in find_processes_with_arg("-uuid", uuid):
                 found = read_identity(pid)
                 proc = Process.attach(found, uuid=uuid) if found else None
@@ -446,17 +509,26 @@ class Connection:
             proc = Process.attach(identity, uuid=uuid)
         if proc is None:
             # Gone while nobody watched, or the pid now belongs to another process: never signal it.
+            if identity is None:
+                why = "no process has its UUID"
+            elif read_identity(identity.pid) is None:
+                why = f"pid {identity.pid} is gone"
+            else:
+                why = f"pid {identity.pid} is another process now"
+            logger.info("domain %r: its QEMU exited while no controller ran (%s); shut off", name, why)
             sd.remove_runtime(name)
-            dom._set_state(DomainState.SHUTOFF, StateReason.UNKNOWN)
+            dom._set_state(DomainState.SHUTOFF, StateReason.DAEMON)
             dom._emit(EventKind.STOPPED, EventDetail.FAILED)
             self._on_domain_stopped(dom)
             return
         try:
             sock = sd.connect_monitor(name)
-        except OSError as exc:
+        except (OSError, StateDirError) as exc:
             # Our QEMU, but its monitor is unreachable: it cannot be managed and must not run twice.
             logger.warning("domain %r: monitor unreachable (%s); stopping pid %d", name, exc, proc.pid)
-            self._problem(sd.monitor_path(name), "runtime", f"monitor unreachable, QEMU {proc.pid} stopped: {exc}")
+            self._problem(
+                sd.monitor_path(name), "runtime", f"monitor unreachable, QEMU {proc.pid} stopped: {exc}"
+            )
             proc.send_signal(signal.SIGKILL)
             with anyio.move_on_after(30):
                 await proc.wait()
@@ -472,11 +544,14 @@ class Connection:
         async def on_ready(qmp: QMPClient) -> None:
             status = (await qmp.execute("query-status"))["status"]
             dom._attach(attached, qmp, config)
-            if status == "prelaunch" or phase == "starting":
-                # The controller died during start: finish it.
-                if status == "prelaunch":
-                    await qmp.execute("cont")
-                self._write_runtime_record(dom, phase="running")
+            # The last controller died during the start: before "cont" (prelaunch), or after it
+            # but before it recorded the start as done.
+            booted = status == "prelaunch" or (phase == "starting" and status == "running")
+            if status == "prelaunch":
+                await qmp.execute("cont")
+            # Always rewritten: the record may have been set aside, or lack the pid.
+            self._write_runtime_record(dom, phase="running")
+            if booted:
                 dom._set_state(DomainState.RUNNING, StateReason.BOOTED)
                 dom._emit(EventKind.STARTED, EventDetail.BOOTED)
             elif status == "running":
@@ -488,14 +563,26 @@ class Connection:
             else:
                 dom._set_state(DomainState.PAUSED, StateReason.UNKNOWN)
 
+        failures: list[BaseException] = []
+
         def on_failure(exc: BaseException) -> AiovirtError:
+            failures.append(exc)
             return ConnectionLostError(f"cannot take back domain {name!r} (pid {attached.pid}): {exc}")
 
         dom._starting = True
         try:
             await self._tg.start(dom._supervise, proc, sock, on_ready, on_failure)
         except AiovirtError as exc:
-            self._problem(sd.runtime_path(name), "runtime", str(exc))
+            # The supervisor has stopped the QEMU (waiting for it to exit first): SHUTOFF now.
+            cause = failures[0] if failures else exc
+            if isinstance(cause, ConnectionLostError) and not isinstance(cause.__cause__, TimeoutError):
+                # QEMU closed its monitor: it was exiting already (e.g. destroyed just before the
+                # last controller died). Nothing is wrong with the state directory.
+                logger.info("domain %r: its QEMU exited while being taken back (%s)", name, cause)
+            else:
+                self._problem(sd.runtime_path(name), "runtime", str(exc))
+            if dom.state == DomainState.SHUTOFF:
+                dom._set_state(DomainState.SHUTOFF, StateReason.DAEMON)
         finally:
             dom._starting = False
 
@@ -514,6 +601,9 @@ class Connection:
     async def aclose(self) -> None:
         """Stop supervising. Running QEMUs keep running; a new connection takes them back."""
         self._closed = True
+        self._events.close()
+        for dom in self._domains.values():
+            dom._events.close()
         self._tg.cancel_scope.cancel()
 
 
@@ -554,5 +644,3 @@ async def connect(uri: str | None = None) -> AsyncIterator[Connection]:
             del exc
     finally:
         statedir.close()
-
-

@@ -345,7 +345,9 @@ class Domain:
             reason = event.data.get("reason")
             self._shutdown_reason = reason if isinstance(reason, str) else None
             self._set_state(DomainState.SHUTDOWN, StateReason.USER)
-            self._emit(EventKind.SHUTDOWN, EventDetail.GUEST if event.data.get("guest") else EventDetail.HOST)
+            # Who asked: libvirt's detail is "finished" when QEMU does not say (before QEMU 2.10).
+            details: dict[object, EventDetail] = {True: EventDetail.GUEST, False: EventDetail.HOST}
+            self._emit(EventKind.SHUTDOWN, details.get(event.data.get("guest"), EventDetail.FINISHED))
 
     def _attach(self, proc: Process, qmp: QMPClient, config: DomainConfig) -> None:
         self._process, self._qmp, self._running_config = proc, qmp, config
@@ -424,7 +426,8 @@ class Domain:
     ) -> LaunchError:
         message = self._conn._statedir.read_log(self.name, log_offset).strip()
         if not message:
-            message = str(exc) if not isinstance(exc, ConnectionLostError) else "QEMU closed its monitor"
+            closed = isinstance(exc, ConnectionLostError) and not isinstance(exc.__cause__, TimeoutError)
+            message = "QEMU closed its monitor" if closed else str(exc)
         return LaunchError(
             self.name, message, returncode=proc.returncode, log_path=str(self.log_path), argv=argv
         )

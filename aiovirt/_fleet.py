@@ -7,17 +7,36 @@ Every domain runs the same stages concurrently, so a fleet costs one timeout, no
 2. SIGTERM: QEMU flushes its disks and exits; wait ``term_timeout``.
 3. SIGKILL, unless ``graceful``: wait ``kill_timeout`` for the kernel to end it.
 
-With an overall ``deadline`` the ACPI stage is cut short to leave ``term_timeout`` for SIGTERM, and
-the SIGTERM stage ends at the deadline; SIGKILL (never with ``graceful``) is then sent at once.
-Every domain gets its first request before any stage timeout can expire: the stages start for all
-domains together. ``limit`` bounds how many QMP requests run at once, never how many domains wait.
+Guarantees:
+
+- The stages start for all domains together: every first press is queued when the call starts,
+  before any stage can time out. ``limit`` bounds how many QMP requests are in flight at once,
+  never how many domains wait: a request holds its slot until QEMU answers, at most
+  ``_REQUEST_HOLD`` seconds, so QEMUs that do not answer their monitor (stopped, stuck) cannot
+  hold up the others' presses for long; and a press still queued when its ACPI stage ends is
+  dropped for the SIGTERM, which is sent on time. So every domain gets a request within the
+  deadline, whatever the queue.
+- With an overall ``deadline`` that is shorter than the stages' timeouts together, every stage's
+  timeout is scaled down by the same factor (``deadline / sum``): the ACPI stage always leaves the
+  later stages their share, however long it lasts, and the call returns by the deadline. Only the
+  wait after a signal is never shorter than ``_MIN_SIGNAL_WAIT`` (or its stage's own timeout, if
+  that is shorter), so that a process that reacts at once is seen to: the call may outlast the
+  deadline by about a second at most.
+- A paused domain cannot take a button press (QEMU would queue it and fire it at resume): it is
+  resumed then pressed, sent straight to the signal stages, or reported and left alone
+  (``StopPolicy.paused``). It is never pressed while paused.
+- ``graceful`` never sends SIGKILL, whatever the deadline or a cancellation. Cancelling the call
+  sends no further request; each domain's supervisor still observes and reaps its exit.
+- One result per requested domain. ``stopped`` is true only once the process exit was seen.
+  Failures of single domains are in their results, never raised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -32,9 +51,15 @@ if TYPE_CHECKING:
 
 __all__ = ["StopPolicy", "StopResult", "StopStage", "stop_all", "stop_domain"]
 
+#: The longest one QMP request (a press, a resume) keeps its ``limit`` slot waiting for the reply.
+#: The request has been written by then; QEMU acts on it whenever it reads its monitor again.
+_REQUEST_HOLD = 1.0
+#: The shortest wait for the exit after a signal, even when the deadline has passed.
+_MIN_SIGNAL_WAIT = 0.5
+
 
 class StopStage(str, enum.Enum):
-    """The request that ended a domain, or NONE when it was not stopped."""
+    """The last request sent before the domain's process exited; NONE when it was not stopped."""
 
     ACPI = "acpi"
     SIGTERM = "sigterm"
@@ -52,7 +77,8 @@ class StopPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     graceful: bool = False
-    """Never send SIGKILL: a domain that outlives SIGTERM is reported not stopped."""
+    """Never send SIGKILL: a domain that outlives SIGTERM is reported not stopped
+    (:class:`~aiovirt.DestroyTimeoutError` in its result)."""
     acpi_timeout: float = Field(60.0, ge=0)
     repress_interval: float | None = Field(10.0, gt=0)
     """Press again this often during the ACPI stage; None presses once (for guests that cancel a
@@ -60,10 +86,11 @@ class StopPolicy(BaseModel):
     term_timeout: float = Field(10.0, ge=0)
     kill_timeout: float = Field(30.0, ge=0)
     deadline: float | None = Field(None, gt=0)
-    """Overall seconds for the whole call; the ACPI stage yields time to the later stages."""
+    """Overall seconds for the whole call. When the stages' timeouts add up to more, each is scaled
+    down by the same factor, so the ACPI stage leaves the later stages their share."""
     paused: Literal["resume", "signal", "report"] = "resume"
     """A paused domain cannot take a button press: ``resume`` it and press, skip to the ``signal``
-    stages, or ``report`` it not stopped and leave it alone."""
+    stages, or ``report`` it not stopped (:class:`~aiovirt.InvalidStateError`) and leave it alone."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +99,7 @@ class StopResult:
 
     name: str
     stopped: bool
-    stage: StopStage
+    stage: StopStage  # the last request sent before the exit; NONE when not stopped
     reason: str | None  # QEMU's shutdown reason ("guest-shutdown", "host-signal"...), if there was one
     elapsed: float  # seconds from the call to the exit (or to giving up)
     error: AiovirtError | None = None
@@ -83,55 +110,101 @@ async def stop_domain(
 ) -> StopResult:
     """Run the stages for one domain. Never raises for the domain's own failures: they are in the result."""
     deadline_at = math.inf if policy.deadline is None else started_at + policy.deadline
+    stage = StopStage.NONE  # the last request sent
 
-    def result(stopped: bool, stage: StopStage, error: AiovirtError | None = None) -> StopResult:
-        return StopResult(dom.name, stopped, stage, dom.shutdown_reason, anyio.current_time() - started_at, error)
+    def result(error: AiovirtError | None = None) -> StopResult:
+        stopped = exited is not None and exited.is_set()
+        return StopResult(
+            dom.name,
+            stopped,
+            stage if stopped else StopStage.NONE,
+            dom.shutdown_reason if stopped else None,
+            anyio.current_time() - started_at,
+            None if stopped else error,
+        )
 
     exited = dom._exited
     if not dom.active or exited is None:
-        return result(False, StopStage.NONE, InvalidStateError(dom.name, "stop", dom.state, dom.reason))
+        exited = None
+        return result(InvalidStateError(dom.name, "stop", dom.state, dom.reason))
 
-    stage = StopStage.NONE  # the last request sent
     try:
         acpi = policy.acpi_timeout > 0
         if dom.state == DomainState.PAUSED:
             if policy.paused == "report":
-                return result(False, StopStage.NONE, InvalidStateError(dom.name, "stop", dom.state, dom.reason))
-            if policy.paused == "signal":
+                return result(InvalidStateError(dom.name, "stop", dom.state, dom.reason))
+            if policy.paused == "signal" or not acpi:
                 acpi = False
-            elif acpi:
-                async with limiter:
-                    await dom.resume()
+            else:
+                with contextlib.suppress(InvalidStateError):  # resumed or stopped by someone else
+                    await _request(dom.resume, limiter, deadline_at)
+                if exited.is_set():
+                    return result()
+                # Still paused: it could not be resumed (its monitor did not answer): signals only.
+                acpi = dom.state != DomainState.PAUSED
+
+        # The stages' timeouts, scaled down together when the deadline is shorter than their sum.
+        acpi_t = policy.acpi_timeout if acpi else 0.0
+        term_t = policy.term_timeout
+        kill_t = 0.0 if policy.graceful else policy.kill_timeout
+        total = acpi_t + term_t + kill_t
+        scale = 1.0 if policy.deadline is None or total <= policy.deadline else policy.deadline / total
+
         if acpi:
             stage = StopStage.ACPI
-            acpi_end = min(started_at + policy.acpi_timeout, deadline_at - policy.term_timeout)
-            if await _press_until(dom, exited, acpi_end, policy.repress_interval, limiter):
-                return result(True, StopStage.ACPI)
+            end = min(anyio.current_time() + acpi_t, deadline_at - (term_t + kill_t) * scale)
+            if await _press_until(dom, exited, end, policy.repress_interval, limiter):
+                return result()
+
+        # No checkpoint from here to the SIGTERM: the process cannot exit unseen in between.
+        now = anyio.current_time()
+        term_wait = max(min(term_t, _MIN_SIGNAL_WAIT), min(term_t, deadline_at - kill_t * scale - now))
+        kill_max = policy.kill_timeout
+        kill_wait = max(min(kill_max, _MIN_SIGNAL_WAIT), min(kill_max, deadline_at - now - term_wait))
         stage = StopStage.SIGTERM
-        term_timeout = max(0.0, min(policy.term_timeout, deadline_at - anyio.current_time()))
-        killed = await dom._terminate(policy.graceful, term_timeout, policy.kill_timeout)
-        return result(True, StopStage.SIGKILL if killed else StopStage.SIGTERM)
+        if await dom._terminate(policy.graceful, term_wait, kill_wait):
+            stage = StopStage.SIGKILL
+        return result()
     except AiovirtError as exc:
-        if exited.is_set() and isinstance(exc, InvalidStateError):
-            return result(True, stage)  # it exited between two of our steps, after our last request
-        return result(exited.is_set(), StopStage.NONE, exc)
+        # DestroyTimeoutError (graceful), ProcessBusyError (survived SIGKILL), or a state that
+        # forbids the next step (someone else stopped or paused it meanwhile).
+        return result(exc)
+
+
+async def _request(call: Callable[[], Awaitable[None]], limiter: anyio.CapacityLimiter, end: float) -> bool:
+    """Run one QMP request in a ``limit`` slot, waiting for its reply at most ``_REQUEST_HOLD`` s.
+
+    Neither the wait for a slot nor the one for the reply goes past ``end`` (the stage's end): a
+    queue behind QEMUs that do not answer never delays the next stage. True if QEMU answered; False
+    if it refused, did not answer in time, or its monitor is gone (QEMU is exiting: the caller sees
+    it). Raises :class:`InvalidStateError` if the domain's state forbids the request.
+    """
+    with anyio.CancelScope(deadline=end):
+        async with limiter:
+            with anyio.move_on_after(_REQUEST_HOLD):
+                try:
+                    await call()
+                except QMPError:
+                    return False
+                return True
+    return False
 
 
 async def _press_until(
     dom: Domain, exited: anyio.Event, end: float, repress: float | None, limiter: anyio.CapacityLimiter
 ) -> bool:
-    """Press the power button (again every ``repress`` s) until ``end``. True if the process exited."""
-    while anyio.current_time() < end:
+    """Press the power button (again every ``repress`` s) until ``end``. True if the process exited.
+
+    Returns False early when the domain cannot take a press any more (someone paused it).
+    """
+    while not exited.is_set() and anyio.current_time() < end:
         try:
-            async with limiter:
-                await dom.shutdown()
-        except QMPError:
-            pass  # the monitor closed: QEMU is exiting, which the wait below sees
+            await _request(dom.shutdown, limiter, end)
+        except InvalidStateError:
+            return exited.is_set()
         next_press = end if repress is None else min(end, anyio.current_time() + repress)
         with anyio.move_on_after(max(0.0, next_press - anyio.current_time())):
             await exited.wait()
-        if exited.is_set():
-            return True
     return exited.is_set()
 
 
@@ -143,21 +216,33 @@ async def stop_all(
 ) -> list[StopResult]:
     """Stop ``domains`` concurrently; one result per domain, in the order given.
 
-    ``on_result`` is called with each result as it completes (for progress). Cancelling the call
-    sends no further requests; exits are still observed and reaped by each domain's supervisor.
+    ``on_result`` is called with each result as it completes (for progress); an exception it raises
+    cancels the remaining stops (sending nothing further) and propagates, unwrapped. Cancelling the
+    call sends no further requests; exits are still observed and reaped by each domain's supervisor.
     """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
     doms = list(domains)
-    limiter = anyio.CapacityLimiter(max(1, limit))
+    limiter = anyio.CapacityLimiter(limit)
     started_at = anyio.current_time()
     results: list[StopResult | None] = [None] * len(doms)
+    callback_error: list[Exception] = []
 
     async def one(i: int, dom: Domain) -> None:
         res = await stop_domain(dom, policy, limiter, started_at)
         results[i] = res
-        if on_result is not None:
-            on_result(res)
+        if on_result is not None and not callback_error:
+            try:
+                on_result(res)
+            except Exception as exc:
+                callback_error.append(exc)
+                tg.cancel_scope.cancel()
 
     async with anyio.create_task_group() as tg:
         for i, dom in enumerate(doms):
             tg.start_soon(one, i, dom)
-    return [r for r in results if r is not None]
+    if callback_error:
+        raise callback_error[0]
+    done = [r for r in results if r is not None]
+    assert len(done) == len(doms)
+    return done

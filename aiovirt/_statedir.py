@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import socket
@@ -99,7 +100,7 @@ class StateDir:
         return fd
 
     def _take_lock(self) -> None:
-        fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._fds[self.root])
+        fd = self._open_file(self.root, "lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -119,6 +120,15 @@ class StateDir:
     def _listdir(self, d: Path) -> list[str]:
         return os.listdir(self._fd(d))
 
+    def _open_file(self, d: Path, name: str, flags: int) -> int:
+        """Open ``d/name`` (mode 0600 if created), never through a symlink: StateDirError if it is one."""
+        try:
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._fd(d))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StateDirError(str(d / name), "is a symbolic link; not followed") from exc
+            raise
+
     # -- records ------------------------------------------------------------------------------
 
     def _write(self, d: Path, name: str, record: dict[str, Any], *, durable: bool) -> None:
@@ -126,7 +136,9 @@ class StateDir:
         data = json.dumps({"format": RECORD_FORMAT, **record}, indent=2, sort_keys=True).encode() + b"\n"
         self._tmp_counter += 1
         tmp = f".{name}.{os.getpid()}.{self._tmp_counter}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd
+        )
         try:
             try:
                 view = memoryview(data)
@@ -146,16 +158,31 @@ class StateDir:
 
     def _read(self, d: Path, name: str) -> bytes:
         """The raw bytes of a record. Raises FileNotFoundError, or StateDirError for a non-file."""
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self._fd(d))
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise StateDirError(str(d / name), "is a symbolic link; not followed") from exc
-            raise
+        fd = self._open_file(d, name, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a planted FIFO
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise StateDirError(str(d / name), "is not a regular file")
             return f.read(_MAX_RECORD + 1)
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename the unusable record ``path`` to ``NAME.json.corrupt`` (``.corrupt-2``... if taken).
+
+        It is kept for whoever investigates, never deleted nor overwritten, and no longer read as
+        a record. A symlink is renamed itself, never followed. Returns the new path.
+        """
+        dirfd = self._fd(path.parent)
+        for n in itertools.count(1):
+            aside = f"{path.name}.corrupt" + (f"-{n}" if n > 1 else "")
+            try:
+                os.stat(aside, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:
+                break  # we hold the lock: nobody else creates it meanwhile
+        os.rename(path.name, aside, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        return path.with_name(aside)
+
+    def set_aside_paths(self, d: Path) -> list[Path]:
+        """The records of ``d`` (``domains`` or ``run``) set aside so far."""
+        return [d / e for e in sorted(self._listdir(d)) if ".json.corrupt" in e and not e.startswith(".")]
 
     def _remove(self, d: Path, name: str, *, durable: bool) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -180,7 +207,9 @@ class StateDir:
 
     async def write_definition(self, name: str, record: dict[str, Any]) -> None:
         """Durable and atomic; the fsyncs run in a worker thread to keep the event loop free."""
-        await anyio.to_thread.run_sync(lambda: self._write(self.domains, f"{name}.json", record, durable=True))
+        await anyio.to_thread.run_sync(
+            lambda: self._write(self.domains, f"{name}.json", record, durable=True)
+        )
 
     async def remove_definition(self, name: str) -> None:
         await anyio.to_thread.run_sync(lambda: self._remove(self.domains, f"{name}.json", durable=True))
@@ -211,18 +240,15 @@ class StateDir:
 
     def open_log(self, name: str) -> tuple[int, int]:
         """Open the domain's log for appending: ``(fd, offset where this run's output starts)``."""
-        fd = os.open(
-            f"{name}.log",
-            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=self._fd(self.logs),
-        )
+        fd = self._open_file(self.logs, f"{name}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         return fd, os.lseek(fd, 0, os.SEEK_END)
 
     def read_log(self, name: str, offset: int, limit: int = 64 << 10) -> str:
         """QEMU's output from ``offset`` on (at most the last ``limit`` bytes)."""
         try:
-            fd = os.open(f"{name}.log", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._fd(self.logs))
+            fd = os.open(
+                f"{name}.log", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._fd(self.logs)
+            )
         except FileNotFoundError:
             return ""
         with os.fdopen(fd, "rb") as f:
@@ -232,13 +258,7 @@ class StateDir:
 
     def prepare_console(self, name: str) -> Path:
         """Create the console file 0600 (QEMU would create it with its umask) and return its path."""
-        fd = os.open(
-            f"{name}.console",
-            os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=self._fd(self.logs),
-        )
-        os.close(fd)
+        os.close(self._open_file(self.logs, f"{name}.console", os.O_WRONLY | os.O_CREAT))
         return self.console_path(name)
 
     def remove_logs(self, name: str) -> None:
@@ -258,20 +278,40 @@ class StateDir:
         return f"/proc/self/fd/{self._fd(self.run)}/{name}.qmp"
 
     def bind_monitor(self, name: str) -> socket.socket:
-        """A listening unix socket for the domain's monitor (mode 0600), replacing a stale one."""
+        """A listening unix socket for the domain's monitor (mode 0600), replacing a stale one.
+
+        It is non-blocking, and so is QEMU's copy (the flag belongs to the shared open file). It
+        must be: QEMU 7.2 can watch the listener from its main loop and from the monitor's I/O
+        thread at once after a client disconnects; both wake for the next client, one accepts it,
+        and on a blocking socket the other then blocks in ``accept`` for good, taking the
+        monitor's I/O thread with it (seen when a controller was killed during a start: the next
+        controller's ``qmp_capabilities`` was never read). Non-blocking, the loser gets EAGAIN.
+        """
         self._remove(self.run, f"{name}.qmp", durable=False)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            sock.setblocking(False)
             sock.bind(self._socket_address(name))
             os.chmod(f"{name}.qmp", 0o600, dir_fd=self._fd(self.run))
             sock.listen(8)
+            # QEMU shares this open file description. Left blocking, QEMU 7.2's main thread can
+            # block for good in accept4() when its main loop and the monitor's I/O thread both
+            # see the queued connection (one accepts it, the other waits forever): the monitor
+            # then never answers. Non-blocking, the loser gets EAGAIN, which QEMU ignores.
+            sock.setblocking(False)
         except BaseException:
             sock.close()
             raise
         return sock
 
     def connect_monitor(self, name: str) -> socket.socket:
-        """A connected, non-blocking socket to the domain's monitor. Raises OSError if nobody listens."""
+        """A connected, non-blocking socket to the domain's monitor.
+
+        Raises OSError if nobody listens, StateDirError if the path is not a socket (a symlink).
+        """
+        st = os.stat(f"{name}.qmp", dir_fd=self._fd(self.run), follow_symlinks=False)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StateDirError(str(self.monitor_path(name)), "is not a socket; not followed")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # Connecting to a listening unix socket completes at once (it queues in the backlog).
