@@ -361,13 +361,16 @@ class Domain:
         on_ready: Callable[[QMPClient], Any],
         on_failure: Callable[[BaseException], Any],
         *,
+        launching: bool = True,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Own ``proc`` and its monitor until the process exits or the connection closes.
 
         ``on_ready(qmp)`` runs once the monitor answers (it finishes the launch or the reattach and
-        may raise); ``on_failure(exc)`` turns an error before that point into the one to raise.
-        Nothing escapes into the connection's task group once ready.
+        may raise); ``on_failure(exc)`` turns an error before that point into the one to raise,
+        after the process was killed (it must not run unmanaged). A cancellation before that point
+        kills a QEMU being launched but leaves one being reattached alone (the record stays for the
+        next connection). Nothing escapes into the connection's task group once ready.
         """
         ready = False
         try:
@@ -379,14 +382,17 @@ class Domain:
                 with anyio.move_on_after(_DRAIN_TIMEOUT):
                     await qmp.wait_closed()
         except anyio.get_cancelled_exc_class():
-            if not ready:
+            if not ready and launching:
+                # A cancelled start: the paused QEMU will never exit on its own.
                 with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-                    await self._kill_failed_launch(proc)
+                    await self._kill_failed_launch(proc, grace=0.0)
             raise  # the connection is closing (QEMU lives on) or the start was cancelled
         except Exception as exc:
             if not ready:
+                # QEMU refused its config (it is exiting, with its reason in the log) or its monitor
+                # cannot be used: then it must not run unmanaged, as libvirt decides on reconnect.
                 with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-                    await self._kill_failed_launch(proc)
+                    await self._kill_failed_launch(proc, grace=_LAUNCH_EXIT_WAIT)
                 raise on_failure(exc) from exc
             # The monitor broke while QEMU lives on (it should not happen): keep watching the process.
             logger.warning("domain %r: monitor failed: %r; watching the process only", self.name, exc)
@@ -394,18 +400,22 @@ class Domain:
             await proc.wait()
         finally:
             if proc.exited:
-                self._on_exit(proc, failed=not ready)
+                self._on_exit(proc, failed=not ready, launching=launching)
             proc.close()
 
-    async def _kill_failed_launch(self, proc: Process) -> None:
-        with anyio.move_on_after(_LAUNCH_EXIT_WAIT):
-            await proc.wait()
+    async def _kill_failed_launch(self, proc: Process, *, grace: float) -> None:
+        """Let ``proc`` exit on its own for ``grace`` seconds, then SIGKILL it; return once it is gone."""
+        if grace > 0:
+            with anyio.move_on_after(grace):
+                await proc.wait()
         if not proc.exited:
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
 
-    def _on_exit(self, proc: Process, *, failed: bool) -> None:
-        if failed:
+    def _on_exit(self, proc: Process, *, failed: bool, launching: bool) -> None:
+        if failed and not launching:
+            reason, detail = StateReason.DAEMON, EventDetail.FAILED  # we killed what we could not take back
+        elif failed:
             reason, detail = StateReason.FAILED, EventDetail.FAILED
         elif self._term_sent:
             reason, detail = StateReason.DESTROYED, EventDetail.DESTROYED

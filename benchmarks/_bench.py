@@ -125,12 +125,17 @@ def kill_children(exclude: Iterable[int] = ()) -> list[int]:
     return killed
 
 
-def become_subreaper() -> None:
-    """Make QEMUs orphaned by a dying worker our children (so :func:`kill_children` finds them)."""
+def become_subreaper(enable: bool = True) -> None:
+    """Make QEMUs orphaned by a dying worker our children (so :func:`kill_children` finds them).
+
+    Turn it off before running anything that daemonizes (libvirtd, and the QEMUs libvirtd
+    double-forks): those would become our children, and we would neither reap them (libvirt
+    then waits for a zombie) nor want :func:`kill_children` to kill them.
+    """
     pr_set_child_subreaper = 36
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) != 0:  # pragma: no cover - Linux >= 3.4 has it
-        print("warning: cannot become a child subreaper", file=sys.stderr)
+    if libc.prctl(pr_set_child_subreaper, int(enable), 0, 0, 0) != 0:  # pragma: no cover - Linux >= 3.4
+        print("warning: cannot change the child-subreaper flag", file=sys.stderr)
 
 
 # -- running a worker in a fresh interpreter ---------------------------------------------------
@@ -166,8 +171,12 @@ def run_worker(
                 proc.send_signal(signal.SIGINT)  # let it clean up, then it ends
                 deadline = None
             time.sleep(sample_interval)
-    except BaseException:
-        # Ctrl-C reached the worker too (same process group): give it time to stop its QEMUs.
+    except BaseException as exc:
+        # Ctrl-C reaches the worker too (same process group); a SIGTERM to us alone does not, so
+        # pass that on. Then give the worker time to stop its QEMUs (no second signal: it would
+        # abort the worker's cleanup).
+        if isinstance(exc, KeyboardInterrupt) and exc.args == ("SIGTERM",):
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
@@ -210,6 +219,24 @@ def describe(exc: BaseException) -> str:
         first = leaves[0] if leaves else exc
         return f"{len(leaves)} errors, the first: {type(first).__name__}: {first}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def _sigint_self(signum: int, frame: object) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def terminate_as_interrupt(*, event_loop: bool = False) -> None:
+    """Make SIGTERM behave as Ctrl-C, so that every ``finally`` stops its QEMUs.
+
+    With ``event_loop`` (a worker that runs asyncio or trio) SIGTERM becomes a real SIGINT, so
+    that the event loop handles it as its own Ctrl-C (asyncio cancels the main task, trio raises
+    KeyboardInterrupt where it is safe) instead of an exception raised inside the loop's internals.
+    """
+    signal.signal(signal.SIGTERM, _sigint_self if event_loop else _interrupt)
 
 
 def emit(result: Result) -> None:

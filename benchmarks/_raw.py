@@ -6,11 +6,19 @@ faster, so that "within 1.3x of raw" is a bound against the best a controller co
 - the monitor is a unix socket that we bind and connect *before* spawning and hand to QEMU as a
   listening fd (``-chardev socket,fd=N,server=on,wait=off``, as libvirt and aiovirt do), so there
   is no connect-retry polling: "started" is the moment each QEMU's greeting was read, all greetings
-  awaited together in one epoll loop;
+  awaited together in one epoll loop (the listener is non-blocking, as aiovirt's, see ``run``);
 - the exits are awaited through pidfds opened at spawn time; SIGTERM goes through the pidfd.
 
 By default the argv comes from ``aiovirt.config.render_argv`` (same QEMU, same options as aiovirt
 spawns, but not paused: the raw baseline sends no ``cont``); ``argv="anchor"`` uses the anchor's.
+
+With ``handshake=True`` (the ``raw-qmp`` backend) the baseline does the same protocol work per
+domain as aiovirt's ``create``: QEMU starts paused (``-S``), and after the greeting each monitor
+gets ``qmp_capabilities`` then ``cont``, "started" being the ``cont`` reply; still one epoll loop,
+all domains in flight at once. This matters for ``machine=pc``: QEMU 7.2 greets from the
+monitor's I/O thread while its main thread is still building the machine, and the first command
+is answered only once that is done (about 15 ms later for ``pc`` here), so "greeting read"
+understates what starting a ``pc`` domain costs.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from _bench import QEMU, Result, open_fds, os_threads, rss_bytes
 ArgvFactory = Callable[[int, int], list[str]]  # (index, monitor fd) -> argv
 
 
-def anchor_argv(machine: str, memory_mib: int) -> ArgvFactory:
+def anchor_argv(machine: str, memory_mib: int, *, paused: bool = False) -> ArgvFactory:
     """The anchor's argv (libvirt's shape), with the monitor given as a listening fd."""
 
     def make(i: int, fd: int) -> list[str]:
@@ -58,36 +66,81 @@ def anchor_argv(machine: str, memory_mib: int) -> ArgvFactory:
         ]
         if machine != "none":
             argv += ["-cpu", "qemu64", "-audiodev", "none,id=audio1"]
+        if paused:
+            argv.append("-S")
         return argv
 
     return make
 
 
-def aiovirt_argv(machine: str, memory_mib: int) -> ArgvFactory:
-    """The argv aiovirt itself renders for the same config (not paused: nobody sends ``cont``)."""
+def aiovirt_argv(machine: str, memory_mib: int, *, paused: bool = False) -> ArgvFactory:
+    """The argv aiovirt itself renders for the same config (paused only if we send ``cont``)."""
     from aiovirt.config import DomainConfig, render_argv
 
     def make(i: int, fd: int) -> list[str]:
         cfg = DomainConfig(
             name=f"raw{i}", uuid=uuid.uuid4(), machine=machine, accel="tcg", memory_mib=memory_mib
         )
-        return list(render_argv(cfg, monitor_fd=fd, console_path=None, paused=False))
+        return list(render_argv(cfg, monitor_fd=fd, console_path=None, paused=paused))
 
     return make
 
 
+_CAPABILITIES = b'{"execute": "qmp_capabilities"}\n'
+_CONT = b'{"execute": "cont"}\n'
+
+
 class _Domain:
-    __slots__ = ("buf", "mon", "pidfd", "popen")
+    __slots__ = ("buf", "mon", "pidfd", "popen", "step")
 
     def __init__(self, popen: subprocess.Popen[bytes], pidfd: int, mon: socket.socket) -> None:
         self.popen = popen
         self.pidfd = pidfd
         self.mon = mon
         self.buf = b""
+        self.step = 0  # complete lines expected so far: greeting, capabilities reply, cont reply
+
+    def feed(self, data: bytes, handshake: bool) -> bool:
+        """Take bytes from the monitor; True once this domain counts as started."""
+        self.buf += data
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            if self.step > 0 and b'"return"' not in line:
+                if b'"error"' in line:
+                    raise RuntimeError(f"QEMU {self.popen.pid} refused a command: {line[:200]!r}")
+                continue  # an event (e.g. RESUME before cont's reply)
+            self.step += 1
+            if not handshake:
+                return True
+            if self.step == 1:
+                self.mon.send(_CAPABILITIES)
+            elif self.step == 2:
+                self.mon.send(_CONT)
+            else:
+                return True
+        return False
 
 
-def run(n: int, workdir: Path, make_argv: ArgvFactory) -> Result:
-    """Start ``n`` QEMUs, wait for every greeting, SIGTERM all, wait for every exit. Always cleans up."""
+def describe_stuck(pid: int) -> str:
+    """What a QEMU that does not answer is doing: each thread's kernel wait channel and syscall."""
+    parts = []
+    try:
+        for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                wchan = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                syscall = f.read().split()[0]
+            parts.append(f"{tid}:{wchan or '-'}/syscall {syscall}")
+    except OSError as exc:
+        parts.append(f"({exc})")
+    return f"pid {pid} [{', '.join(parts)}]"
+
+
+def run(
+    n: int, workdir: Path, make_argv: ArgvFactory, *, handshake: bool = False, greeting_timeout: float = 60.0
+) -> Result:
+    """Start ``n`` QEMUs, wait for every greeting (``handshake``: and the replies to
+    ``qmp_capabilities`` and ``cont``), SIGTERM all, wait for every exit. Always cleans up."""
     doms: list[_Domain] = []
     ep = select.epoll()
     gc.collect()
@@ -102,7 +155,10 @@ def run(n: int, workdir: Path, make_argv: ArgvFactory) -> Result:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 listener.bind(path)
-                listener.listen(1)
+                listener.listen(8)
+                # As aiovirt does: a blocking listener can wedge QEMU 7.2's main thread in
+                # accept4() (its main loop and monitor I/O thread race for the queued connection).
+                listener.setblocking(False)
                 mon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 mon.connect(path)  # queued in the backlog; QEMU accepts it when it is up
                 mon.setblocking(False)
@@ -122,14 +178,21 @@ def run(n: int, workdir: Path, make_argv: ArgvFactory) -> Result:
             ep.register(mon.fileno(), select.EPOLLIN)
         ready_at: list[float] = []
         waiting = n
+        deadline = time.monotonic() + greeting_timeout
         while waiting:
-            for fd, _ in ep.poll():
+            events = ep.poll(1.0)
+            if not events and time.monotonic() > deadline:
+                stuck = [d for d in doms if d.step == 0]
+                raise RuntimeError(
+                    f"{len(stuck)} of {n} QEMUs did not answer within {greeting_timeout:g} s: "
+                    + "; ".join(describe_stuck(d.popen.pid) for d in stuck[:5])
+                )
+            for fd, _ in events:
                 dom = by_fd[fd]
                 data = dom.mon.recv(4096)
                 if not data:
-                    raise RuntimeError(f"QEMU {dom.popen.pid} closed its monitor before the greeting")
-                dom.buf += data
-                if b"\n" in dom.buf:
+                    raise RuntimeError(f"QEMU {dom.popen.pid} closed its monitor while starting")
+                if dom.feed(data, handshake):
                     ep.unregister(fd)
                     ready_at.append(time.perf_counter() - t0)
                     waiting -= 1

@@ -8,6 +8,9 @@ Backends, each in a fresh interpreter (so thread and memory figures are its own)
 
 - ``raw``: the physical limit (see ``_raw.py``): plain ``subprocess`` + one epoll loop. "Start" ends
   when every monitor's greeting was read; "destroy" is SIGTERM to all + every exit seen via pidfd.
+- ``raw-qmp``: the same, but doing aiovirt's protocol work per domain: QEMU starts paused, and
+  "started" is the reply to ``cont`` after ``qmp_capabilities`` (a like-for-like physical limit;
+  ``start / raw-qmp`` in the table).
 - ``asyncio`` / ``trio``: ``aiovirt.connect("qemu:///embed?root=TMP")``, ``conn.create(cfg)`` for
   all N in one task group, then ``dom.destroy()`` for all in one task group. ``create`` returns only
   once QEMU was spawned paused, the monitor greeted, ``qmp_capabilities`` and ``cont`` were answered
@@ -38,7 +41,7 @@ import _bench
 from _bench import Result
 
 AIOVIRT_BACKENDS = ("asyncio", "trio")
-ALL_BACKENDS = ("raw", *AIOVIRT_BACKENDS)
+ALL_BACKENDS = ("raw", "raw-qmp", *AIOVIRT_BACKENDS)
 DEFAULT_N = {"none": 1000, "pc": 100}
 START_SCRIPT = Path(os.environ.get("AIOVIRT_ANCHORS", "/work/shared/anchors")) / "start-libvirtd.sh"
 
@@ -62,13 +65,14 @@ def _per_domain(result: Result, n: int) -> None:
 def worker_raw(args: argparse.Namespace, workdir: Path) -> Result:
     import _raw
 
+    handshake = args.worker == "raw-qmp"
     make = (
-        _raw.anchor_argv(args.machine, args.memory_mib)
+        _raw.anchor_argv(args.machine, args.memory_mib, paused=handshake)
         if args.raw_argv == "anchor"
-        else _raw.aiovirt_argv(args.machine, args.memory_mib)
+        else _raw.aiovirt_argv(args.machine, args.memory_mib, paused=handshake)
     )
     make(0, 3)  # import and warm the renderer before the memory baseline
-    return _raw.run(args.n, workdir, make)
+    return _raw.run(args.n, workdir, make, handshake=handshake)
 
 
 def worker_aiovirt(args: argparse.Namespace, workdir: Path) -> Result:
@@ -87,6 +91,20 @@ def worker_aiovirt(args: argparse.Namespace, workdir: Path) -> Result:
             for i in range(n)
         ]
         doms: list[aiovirt.Domain] = []
+        phase = ["idle"]
+        stalls = {"start": 0.0, "destroy": 0.0}
+
+        async def ticker() -> None:
+            # How long the event loop was unable to run anything else (e.g. a web server's
+            # requests) while aiovirt worked: the largest lateness of a 10 ms sleep.
+            last = time.perf_counter()
+            while True:
+                await anyio.sleep(0.01)
+                now = time.perf_counter()
+                if phase[0] in stalls:
+                    stalls[phase[0]] = max(stalls[phase[0]], now - last - 0.01)
+                last = now
+
         async with aiovirt.connect(uri) as conn:
             try:
                 gc.collect()
@@ -101,24 +119,33 @@ def worker_aiovirt(args: argparse.Namespace, workdir: Path) -> Result:
                     doms.append(await conn.create(cfg))
                     ready_at.append(time.perf_counter() - t0)
 
-                t0 = time.perf_counter()
-                async with anyio.create_task_group() as tg:
-                    for cfg in configs:
-                        tg.start_soon(create, cfg)
-                t1 = time.perf_counter()
-                gc.collect()
-                out["rss_running_kib"] = _bench.rss_bytes() // 1024
-                out["threads_running"] = _bench.os_threads()
-                out["fds_running"] = _bench.open_fds()
-                running = len(conn.list_domains(active=True))
-                if running != n:
-                    raise RuntimeError(f"{running} of {n} domains are running after create")
+                async with anyio.create_task_group() as monitor:
+                    monitor.start_soon(ticker)
+                    await anyio.sleep(0.02)
+                    phase[0] = "start"
+                    t0 = time.perf_counter()
+                    async with anyio.create_task_group() as tg:
+                        for cfg in configs:
+                            tg.start_soon(create, cfg)
+                    t1 = time.perf_counter()
+                    phase[0] = "idle"
+                    gc.collect()
+                    out["rss_running_kib"] = _bench.rss_bytes() // 1024
+                    out["threads_running"] = _bench.os_threads()
+                    out["fds_running"] = _bench.open_fds()
+                    running = len(conn.list_domains(active=True))
+                    if running != n:
+                        raise RuntimeError(f"{running} of {n} domains are running after create")
 
-                t2 = time.perf_counter()
-                async with anyio.create_task_group() as tg:
-                    for dom in doms:
-                        tg.start_soon(dom.destroy)
-                t3 = time.perf_counter()
+                    await anyio.sleep(0.02)
+                    phase[0] = "destroy"
+                    t2 = time.perf_counter()
+                    async with anyio.create_task_group() as tg:
+                        for dom in doms:
+                            tg.start_soon(dom.destroy)
+                    t3 = time.perf_counter()
+                    phase[0] = "idle"
+                    monitor.cancel_scope.cancel()
                 states = {d.state.value for d in doms}
                 if states != {"shutoff"}:
                     raise RuntimeError(f"states after destroy: {sorted(states)}")
@@ -128,6 +155,8 @@ def worker_aiovirt(args: argparse.Namespace, workdir: Path) -> Result:
                     start_p50_s=round(ready_at[len(ready_at) // 2], 4),
                     destroy_s=round(t3 - t2, 4),
                     threads_after=_bench.os_threads(),
+                    max_loop_stall_start_s=round(stalls["start"], 4),
+                    max_loop_stall_destroy_s=round(stalls["destroy"], 4),
                 )
                 return out
             finally:
@@ -152,7 +181,7 @@ async def _destroy_quietly(dom: Any) -> None:
 
 def worker_main(args: argparse.Namespace) -> None:
     _bench.check_nofile(3 * args.n + 64)
-    workdir = Path(tempfile.mkdtemp(prefix=f"aiovirt-fleet-{args.worker}-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"aiovirt-fleet-{args.worker}-", dir=args.state_base))
     result: Result = {"backend": args.worker, "n": args.n, "machine": args.machine, "ok": False}
     profiler = None
     if args.profile:
@@ -161,14 +190,14 @@ def worker_main(args: argparse.Namespace) -> None:
 
         # Imports are not what we profile: load everything first.
         modules = ["_raw", "aiovirt.config"]
-        if args.worker != "raw":
+        if args.worker in AIOVIRT_BACKENDS:
             modules += ["anyio", args.worker, "aiovirt._connection", "aiovirt._domain"]
         for module in modules:
             importlib.import_module(module)
         profiler = cProfile.Profile()
         profiler.enable()
     try:
-        if args.worker == "raw":
+        if args.worker in ("raw", "raw-qmp"):
             result.update(worker_raw(args, workdir))
         else:
             result.update(worker_aiovirt(args, workdir))
@@ -185,6 +214,11 @@ def worker_main(args: argparse.Namespace) -> None:
             profiler.dump_stats(f"{args.profile}.{args.worker}.prof")
         leaked = _bench.kill_children()
         shutil.rmtree(workdir, ignore_errors=True)
+        if leaked:
+            print(
+                f"[fleet] worker {args.worker}: killed {len(leaked)} QEMU(s) still running at exit",
+                file=sys.stderr,
+            )
     if leaked:
         # QEMUs still alive after a run that reported success would be a driver bug: say so.
         result["leaked_qemu_killed"] = len(leaked)
@@ -259,7 +293,15 @@ def summarize(runs: list[Result], backends: list[str]) -> dict[str, Result]:
             out[backend] = {"ok": False, "error": failed[0].get("error") if failed else "not run"}
             continue
         s: Result = {"ok": True, "runs": len(ok)}
-        for key in ("start_s", "start_p50_s", "destroy_s", "kib_per_domain", "fds_per_domain"):
+        for key in (
+            "start_s",
+            "start_p50_s",
+            "destroy_s",
+            "kib_per_domain",
+            "fds_per_domain",
+            "max_loop_stall_start_s",
+            "max_loop_stall_destroy_s",
+        ):
             values = [r[key] for r in ok if r.get(key) is not None]
             s[key] = round(_bench.median(values), 4) if values else None
         for key in ("peak_threads_sampled", "threads_before", "threads_running", "thread_growth"):
@@ -271,11 +313,15 @@ def summarize(runs: list[Result], backends: list[str]) -> dict[str, Result]:
                 s[key] = values[0] if key == "workers" else round(_bench.median(values), 2)
         out[backend] = s
     raw = out.get("raw", {})
+    raw_qmp = out.get("raw-qmp", {})
     for backend, s in out.items():
-        if backend == "raw" or not s.get("ok") or not raw.get("ok"):
+        if backend == "raw" or not s.get("ok"):
             continue
-        s["start_ratio"] = _bench.ratio(s["start_s"], raw["start_s"])
-        s["destroy_ratio"] = _bench.ratio(s["destroy_s"], raw["destroy_s"])
+        if raw.get("ok"):
+            s["start_ratio"] = _bench.ratio(s["start_s"], raw["start_s"])
+            s["destroy_ratio"] = _bench.ratio(s["destroy_s"], raw["destroy_s"])
+        if backend != "raw-qmp" and raw_qmp.get("ok"):
+            s["start_ratio_vs_raw_qmp"] = _bench.ratio(s["start_s"], raw_qmp["start_s"])
     return out
 
 
@@ -290,7 +336,7 @@ def markdown(report: Result) -> str:
     rows = []
     for backend, s in report["summary"].items():
         if not s.get("ok"):
-            rows.append([backend, f"unavailable: {s.get('error')}", *[None] * 8])
+            rows.append([backend, f"unavailable: {s.get('error')}", *[None] * 10])
             continue
         threads = f"{s['peak_threads_sampled']} (+{s['thread_growth']})"
         if "daemon_threads_running" in s:
@@ -304,12 +350,14 @@ def markdown(report: Result) -> str:
                 backend,
                 s["start_s"],
                 s.get("start_ratio"),
+                s.get("start_ratio_vs_raw_qmp"),
                 s["start_p50_s"],
                 s["destroy_s"],
                 s.get("destroy_ratio"),
                 threads,
                 mem_text,
                 s.get("fds_per_domain"),
+                _stall(s),
             ]
         )
     table = _bench.markdown_table(
@@ -317,12 +365,14 @@ def markdown(report: Result) -> str:
             "backend",
             "start s",
             "start / raw",
+            "start / raw-qmp",
             "half started s",
             "destroy s",
             "destroy / raw",
             "peak threads (growth)",
             "KiB / domain",
             "fds / domain",
+            "loop stall s (start / destroy)",
         ],
         rows,
     )
@@ -356,18 +406,32 @@ def markdown(report: Result) -> str:
     return head + "\n" + table + "\n\nTargets:\n\n" + target_table
 
 
+def _stall(s: Result) -> str | None:
+    start, destroy = s.get("max_loop_stall_start_s"), s.get("max_loop_stall_destroy_s")
+    if start is None or destroy is None:
+        return None
+    return f"{start:.3f} / {destroy:.3f}"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, help="domains (default: 1000 for none, 100 for pc)")
     p.add_argument("--machine", choices=("none", "pc"), default="none")
     p.add_argument("--memory-mib", type=int, default=32)
     p.add_argument(
-        "--backends", default=",".join(ALL_BACKENDS), help="comma-separated subset of raw,asyncio,trio"
+        "--backends",
+        default=",".join(ALL_BACKENDS),
+        help="comma-separated subset of raw,raw-qmp,asyncio,trio",
     )
     p.add_argument("--libvirt", action="store_true", help="also run libvirt (installs and starts libvirtd)")
     p.add_argument("--libvirt-workers", type=int, default=64)
     p.add_argument("--repeat", type=int, default=1, help="run every backend this many times, interleaved")
     p.add_argument("--raw-argv", choices=("aiovirt", "anchor"), default="aiovirt")
+    p.add_argument(
+        "--state-base",
+        metavar="DIR",
+        help="where the state directories (and raw's sockets) are made (default: the system's temp dir)",
+    )
     p.add_argument(
         "--no-warmup", action="store_true", help="skip the small raw run that warms the page cache"
     )
@@ -400,11 +464,13 @@ def worker_argv(args: argparse.Namespace, backend: str, n: int) -> list[str]:
         "--raw-argv",
         args.raw_argv,
         *(["--profile", args.profile] if args.profile else []),
+        *(["--state-base", args.state_base] if args.state_base else []),
     ]
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    _bench.terminate_as_interrupt(event_loop=bool(args.worker))
     if args.worker:
         worker_main(args)
         return
@@ -427,6 +493,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(result)
     if args.libvirt:
         backends.append("libvirt")
+        _bench.become_subreaper(False)  # libvirtd and its QEMUs daemonize: they are not ours to reap
         for rep in range(args.repeat):
             print(f"[fleet] libvirt n={args.n} run {rep + 1}", file=sys.stderr)
             result = run_libvirt(args.n, args.machine, args.memory_mib, args.libvirt_workers)
@@ -441,6 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         "memory_mib": args.memory_mib,
         "repeat": args.repeat,
         "raw_argv": args.raw_argv,
+        "state_base": args.state_base or tempfile.gettempdir(),
         "environment": env,
         "summary": summarize(runs, backends),
         "targets": {

@@ -9,6 +9,9 @@ negotiates, warms up (``--warmup`` calls), then measures a fixed number of calls
 - ``raw-socket``: a blocking socket, one line out, one line in (sequential only): the baseline.
 - ``raw-pipelined``: the same socket keeping 64 commands in flight: the ceiling of QEMU's
   monitor for 64-way load (a reference, not a target; QEMU still runs one command at a time).
+- ``asyncio-floor`` / ``trio-floor``: the least an event loop can do per round trip (a bare
+  protocol or ``wait_readable`` loop, no JSON, no routing; sequential only): the floor each backend
+  puts under any client, so a reference for what "0.9x raw" asks of aiovirt.
 - ``aiovirt-asyncio`` / ``aiovirt-trio``: ``aiovirt.qmp._client.QMPClient.execute``.
 - ``qemu.qmp``: QEMU's own asyncio library (optional: ``pip install -r benchmarks/requirements.txt``).
 
@@ -32,7 +35,15 @@ from typing import Any
 import _bench
 from _bench import Result
 
-CLIENTS = ("raw-socket", "raw-pipelined", "aiovirt-asyncio", "aiovirt-trio", "qemu.qmp")
+CLIENTS = (
+    "raw-socket",
+    "raw-pipelined",
+    "asyncio-floor",
+    "trio-floor",
+    "aiovirt-asyncio",
+    "aiovirt-trio",
+    "qemu.qmp",
+)
 CONCURRENCY = 64
 COMMAND = "query-status"
 TARGET_SEQ_VS_RAW = 0.9
@@ -98,6 +109,99 @@ def worker_raw_pipelined(path: str, seq: int, conc: int, warmup: int) -> Result:
         f.close()
         sock.close()
     return {"conc_s": t1 - t0}
+
+
+def worker_asyncio_floor(path: str, seq: int, conc: int, warmup: int) -> Result:
+    """The least an asyncio client can do per round trip: a Protocol, a future per call, no parsing."""
+    import asyncio
+    import collections
+
+    class Protocol(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.buf = b""
+            self.lines: collections.deque[bytes] = collections.deque()
+            self.waiter: asyncio.Future[bytes] | None = None
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                self.lines.append(line)
+            if self.waiter is not None and self.lines and not self.waiter.done():
+                self.waiter.set_result(self.lines.popleft())
+
+    async def main() -> Result:
+        loop = asyncio.get_running_loop()
+        transport, proto = await loop.create_unix_connection(Protocol, path)
+
+        async def call(cmd: bytes | None) -> bytes:
+            if cmd:
+                transport.write(cmd)
+            while True:
+                if proto.lines:
+                    line = proto.lines.popleft()
+                else:
+                    proto.waiter = loop.create_future()
+                    line = await proto.waiter
+                    proto.waiter = None
+                if b'"event"' not in line:
+                    return line
+
+        try:
+            await call(None)  # greeting
+            await call(b'{"execute": "qmp_capabilities"}\n')
+            cmd = b'{"execute": "query-status"}\n'
+            for _ in range(warmup):
+                await call(cmd)
+            t0 = time.perf_counter()
+            for _ in range(seq):
+                await call(cmd)
+            t1 = time.perf_counter()
+        finally:
+            transport.close()
+        return {"seq_s": t1 - t0}
+
+    return asyncio.run(main())
+
+
+def worker_trio_floor(path: str, seq: int, conc: int, warmup: int) -> Result:
+    """The least a trio client can do per round trip: wait_readable + recv in the calling task."""
+    import trio
+
+    async def main() -> Result:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        sock.setblocking(False)
+        buf = b""
+
+        async def reply() -> bytes:
+            nonlocal buf
+            while True:
+                while b"\n" not in buf:
+                    await trio.lowlevel.wait_readable(sock)
+                    buf += sock.recv(65536)
+                line, buf = buf.split(b"\n", 1)
+                if b'"event"' not in line:
+                    return line
+
+        try:
+            await reply()  # greeting
+            sock.send(b'{"execute": "qmp_capabilities"}\n')
+            await reply()
+            cmd = b'{"execute": "query-status"}\n'
+            for _ in range(warmup):
+                sock.send(cmd)
+                await reply()
+            t0 = time.perf_counter()
+            for _ in range(seq):
+                sock.send(cmd)
+                await reply()
+            t1 = time.perf_counter()
+        finally:
+            sock.close()
+        return {"seq_s": t1 - t0}
+
+    return trio.run(main)
 
 
 async def _measure(call: Callable[[], Awaitable[Any]], seq: int, conc: int, warmup: int) -> Result:
@@ -174,6 +278,10 @@ def worker_main(args: argparse.Namespace) -> None:
             out = worker_raw(args.socket, args.seq_calls, args.conc_calls, args.warmup)
         elif client == "raw-pipelined":
             out = worker_raw_pipelined(args.socket, args.seq_calls, args.conc_calls, args.warmup)
+        elif client == "asyncio-floor":
+            out = worker_asyncio_floor(args.socket, args.seq_calls, args.conc_calls, args.warmup)
+        elif client == "trio-floor":
+            out = worker_trio_floor(args.socket, args.seq_calls, args.conc_calls, args.warmup)
         elif client.startswith("aiovirt-"):
             backend = client.removeprefix("aiovirt-")
             out = worker_aiovirt(args.socket, args.seq_calls, args.conc_calls, args.warmup, backend)
@@ -220,7 +328,13 @@ def start_qemu(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
         "-mon",
         "chardev=mon,mode=control",
     ]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -342,6 +456,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    _bench.terminate_as_interrupt(event_loop=bool(args.worker))
     if args.worker:
         worker_main(args)
         return
