@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -142,6 +143,9 @@ class Connection:
         self._closed = False
         # Serialises changes to the table of names (define writes a file between check and insert).
         self._table_lock = anyio.Lock()
+        #: Events of ``connect()`` itself (reattach, autostart), emitted before anyone could subscribe.
+        self.startup_events: list[DomainEvent] = []
+        self._connecting = True
         #: What could not be loaded from the state directory (the files are kept, never deleted).
         self.problems: list[StateProblem] = []
 
@@ -286,6 +290,8 @@ class Connection:
         return {"autostart": autostart, "config": config.model_dump(mode="json")}
 
     def _publish(self, event: DomainEvent) -> None:
+        if self._connecting:
+            self.startup_events.append(event)
         self._events.publish(event)
 
     def _forget(self, dom: Domain) -> None:
@@ -571,9 +577,11 @@ class Connection:
 
         dom._starting = True
         try:
-            await self._tg.start(dom._supervise, proc, sock, on_ready, on_failure)
+            await self._tg.start(
+                functools.partial(dom._supervise, proc, sock, on_ready, on_failure, launching=False)
+            )
         except AiovirtError as exc:
-            # The supervisor has stopped the QEMU (waiting for it to exit first): SHUTOFF now.
+            # The supervisor has stopped the QEMU (waiting for it to exit first): SHUTOFF/daemon now.
             cause = failures[0] if failures else exc
             if isinstance(cause, ConnectionLostError) and not isinstance(cause.__cause__, TimeoutError):
                 # QEMU closed its monitor: it was exiting already (e.g. destroyed just before the
@@ -581,8 +589,6 @@ class Connection:
                 logger.info("domain %r: its QEMU exited while being taken back (%s)", name, cause)
             else:
                 self._problem(sd.runtime_path(name), "runtime", str(exc))
-            if dom.state == DomainState.SHUTOFF:
-                dom._set_state(DomainState.SHUTOFF, StateReason.DAEMON)
         finally:
             dom._starting = False
 
@@ -626,6 +632,7 @@ async def connect(uri: str | None = None) -> AsyncIterator[Connection]:
             conn._load_definitions()
             await conn._reattach_all()
             await conn._autostart_all()
+            conn._connecting = False
             try:
                 yield conn
             finally:

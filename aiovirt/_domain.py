@@ -434,7 +434,11 @@ class Domain:
     def _launch_error(
         self, exc: BaseException, proc: Process, log_offset: int, argv: list[str]
     ) -> LaunchError:
-        message = self._conn._statedir.read_log(self.name, log_offset).strip()
+        log = self._conn._statedir.read_log(self.name, log_offset)
+        # QEMU's own notice that it waits for the monitor client (us) is not part of its complaint.
+        message = "\n".join(
+            line for line in log.splitlines() if not line.startswith("info: QEMU waiting for connection")
+        ).strip()
         if not message:
             closed = isinstance(exc, ConnectionLostError) and not isinstance(exc.__cause__, TimeoutError)
             message = "QEMU closed its monitor" if closed else str(exc)

@@ -11,6 +11,7 @@ This module knows nothing of QMP, configs or domains.
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import signal
@@ -69,7 +70,7 @@ def read_cmdline(pid: int) -> list[str]:
 
 
 def _has_arg_pair(argv: Sequence[str], flag: str, value: str) -> bool:
-    return any(a == flag and b == value for a, b in zip(argv, argv[1:]))
+    return any(a == flag and b == value for a, b in itertools.pairwise(argv))
 
 
 def find_processes_with_arg(flag: str, value: str) -> Iterator[int]:

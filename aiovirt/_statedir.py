@@ -4,7 +4,7 @@ Layout (``ROOT`` and ``RUN`` come from the connection URI; for ``qemu:///embed?r
 under DIR, with ``RUN = DIR/run``)::
 
     ROOT/               0700
-      lock              0600  flock held by the controller; holds its pid
+      lock              0600  POSIX-locked by the controller (fcntl); holds its pid
       domains/NAME.json 0600  persistent definitions (format 1: {"format", "autostart", "config"})
       log/NAME.log      0600  QEMU's stdout and stderr, appended at every start
       log/NAME.console  0600  the serial console, when the config enables it
@@ -33,6 +33,8 @@ import json
 import os
 import socket
 import stat
+import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,22 @@ _SUN_PATH_MAX = 107
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+#: The state directories (device, inode) locked by this process, guarded by _LOCKED_GUARD.
+_LOCKED: set[tuple[int, int]] = set()
+_LOCKED_GUARD = threading.Lock()
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding the POSIX lock on ``fd``'s file (F_GETLK), else the pid written in it."""
+    query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    with contextlib.suppress(OSError):
+        pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, query))[4]
+        if pid > 0:  # 0: held from another pid namespace
+            return int(pid)
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
 class StateDir:
     """One controller's directories. Open with :meth:`open`, release with :meth:`close`."""
 
@@ -59,6 +77,7 @@ class StateDir:
         self.logs = self.root / "log"
         self._fds: dict[Path, int] = {}
         self._lock_fd: int | None = None
+        self._lock_key = (0, 0)
         self._tmp_counter = 0
 
     # -- open / close -------------------------------------------------------------------------
@@ -79,8 +98,10 @@ class StateDir:
 
     def close(self) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
+            os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
+            with _LOCKED_GUARD:
+                _LOCKED.discard(self._lock_key)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -100,13 +121,32 @@ class StateDir:
         return fd
 
     def _take_lock(self) -> None:
-        fd = self._open_file(self.root, "lock", os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise StateDirLockedError(str(self.root), int(holder) if holder.isdigit() else None) from None
+        """One controller per state directory: a POSIX record lock on ``lock``, which holds our pid.
+
+        Not ``flock``: a flock belongs to the open file, which a child shares from ``fork`` until
+        its ``exec``, so a controller killed while spawning a QEMU would leave the directory locked
+        for a moment after its death. A POSIX lock belongs to the process alone and ends with it.
+        It does not exclude a second connection of the same process, so those are counted here;
+        the ``lock`` file is opened only when this process holds no lock on it (closing any
+        descriptor of the file would release a POSIX lock).
+        """
+        st = os.fstat(self._fds[self.root])
+        key = (st.st_dev, st.st_ino)
+        with _LOCKED_GUARD:
+            if key in _LOCKED:
+                raise StateDirLockedError(str(self.root), os.getpid())
+            fd = self._open_file(self.root, "lock", os.O_RDWR | os.O_CREAT)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise StateDirLockedError(str(self.root), holder) from None
+            _LOCKED.add(key)
+        self._lock_key = key
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd

@@ -93,7 +93,7 @@ def test_golden_machine_none() -> None:
         "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none",
         "-S",
-        "-chardev", "socket,id=monitor,fd=3,server=on,wait=off",
+        "-chardev", "socket,id=monitor,fd=3,server=on,wait=on",
         "-mon", "chardev=monitor,mode=control",
         "-chardev", "file,id=console0,path=/var/lib/aiovirt/console/idle.log",
         "-serial", "chardev:console0",
@@ -120,7 +120,7 @@ def test_golden_pc_with_one_disk() -> None:
         "-nodefaults", "-no-user-config", "-display", "none",
         "-audiodev", "none,id=noaudio",
         "-S",
-        "-chardev", "socket,id=monitor,fd=7,server=on,wait=off",
+        "-chardev", "socket,id=monitor,fd=7,server=on,wait=on",
         "-mon", "chardev=monitor,mode=control",
         "-chardev", "file,id=console0,path=/run/aiovirt/web-1.console",
         "-serial", "chardev:console0",
@@ -176,7 +176,7 @@ def test_golden_q35_with_everything() -> None:
         "-smp", "4",
         "-nodefaults", "-no-user-config", "-display", "none",
         "-audiodev", "none,id=noaudio",
-        "-chardev", "socket,id=monitor,fd=5,server=on,wait=off",
+        "-chardev", "socket,id=monitor,fd=5,server=on,wait=on",
         "-mon", "chardev=monitor,mode=control",
         "-kernel", "/boot/vmlinuz",
         "-initrd", "/boot/initrd.img",
@@ -244,7 +244,7 @@ def test_golden_microvm() -> None:
         "-nodefaults", "-no-user-config", "-display", "none",
         "-audiodev", "none,id=noaudio",
         "-S",
-        "-chardev", "socket,id=monitor,fd=9,server=on,wait=off",
+        "-chardev", "socket,id=monitor,fd=9,server=on,wait=on",
         "-mon", "chardev=monitor,mode=control",
         "-kernel", "/boot/vmlinuz",
         "-blockdev",
@@ -402,7 +402,7 @@ def test_odd_console_path_is_escaped() -> None:
     (monitor, chardev) = option_after(argv, "-chardev")
     assert chardev == "file,id=console0,path=/home/o'brien,, jr/vms=1/console.log"
     assert qemu_opts_split(chardev) == ["file", "id=console0", f"path={console}"]
-    assert qemu_opts_split(monitor) == ["socket", "id=monitor", "fd=3", "server=on", "wait=off"]
+    assert qemu_opts_split(monitor) == ["socket", "id=monitor", "fd=3", "server=on", "wait=on"]
 
 
 def test_kernel_initrd_append_are_not_escaped() -> None:

@@ -13,7 +13,7 @@ The argv, in this order (each part always in the same place, so logs and golden 
     -nodefaults -no-user-config -display none
     -audiodev none,id=noaudio                       not for machine none
     -S                                              when paused
-    -chardev socket,id=monitor,fd=FD,server=on,wait=off -mon chardev=monitor,mode=control
+    -chardev socket,id=monitor,fd=FD,server=on,wait=on  -mon chardev=monitor,mode=control
     -chardev file,id=console0,path=PATH -serial chardev:console0       when console_path and config.console
     -kernel PATH -initrd PATH -append CMDLINE       each when set
     per disk i:  -blockdev {"node-name": "diskI-file", ...} -blockdev {"node-name": "diskI-format", ...}
@@ -216,7 +216,10 @@ def render_argv(
         *(["-audiodev", "none,id=noaudio"] if system else []),
         *(["-S"] if paused else []),
         "-chardev",
-        _opts("socket", id=_MONITOR_ID, fd=str(monitor_fd), server="on", wait="off"),
+        # wait=on: QEMU accepts our already-queued connection while it starts, before its monitor
+        # I/O thread exists. With wait=off both threads watch the listener during set-up, a race
+        # (fixed upstream in QEMU 11.0) that hangs or crashes QEMU 7.2 under load.
+        _opts("socket", id=_MONITOR_ID, fd=str(monitor_fd), server="on", wait="on"),
         "-mon",
         f"chardev={_MONITOR_ID},mode=control",
     ]
