@@ -22,15 +22,7 @@ async def main() -> None:
     guest = ensure_tiny_guest()
     with tempfile.TemporaryDirectory(prefix="aiovirt-demo-") as root:
         async with aiovirt.connect(f"qemu:///embed?root={root}") as conn:
-            cfg = aiovirt.DomainConfig(
-                name="demo",
-                machine="pc",
-                accel="tcg",  # portable; KVM under nested virtualisation can hang Linux guests
-                memory_mib=256,
-                kernel=guest.kernel,
-                initrd=guest.initrd,
-                cmdline=guest.cmdline,
-            )
+            cfg = guest.domain_config("demo", memory_mib=256)  # pc, TCG, its kernel and initrd
             t0 = time.monotonic()
             async with conn.subscribe() as events, conn.run(cfg) as dom:
                 print(f"started {dom.name} (pid {dom.pid}) in {time.monotonic() - t0:.2f} s")

@@ -34,15 +34,7 @@ HANG = 120
 
 
 def linux_config(name: str, guest: TinyGuest) -> aiovirt.DomainConfig:
-    return aiovirt.DomainConfig(
-        name=name,
-        machine="pc",
-        accel="tcg",
-        memory_mib=128,
-        kernel=guest.kernel,
-        initrd=guest.initrd,
-        cmdline=guest.cmdline,
-    )
+    return guest.domain_config(name)
 
 
 def deaf_pc_config(name: str) -> aiovirt.DomainConfig:

@@ -72,16 +72,7 @@ async def test_qmp_errors_carry_qemus_class(conn: aiovirt.Connection) -> None:
 
 
 async def test_tiny_guest_honours_acpi_shutdown(conn: aiovirt.Connection, tiny_guest: TinyGuest) -> None:
-    cfg = aiovirt.DomainConfig(
-        name="acpi",
-        machine="pc",
-        accel="tcg",
-        memory_mib=256,
-        kernel=tiny_guest.kernel,
-        initrd=tiny_guest.initrd,
-        cmdline=tiny_guest.cmdline,
-    )
-    async with conn.run(cfg) as dom:
+    async with conn.run(tiny_guest.domain_config("acpi", memory_mib=256)) as dom:
         assert dom.console_path is not None
         with anyio.fail_after(180):
             while tiny_guest.ready_marker not in dom.console_path.read_text(errors="replace"):

@@ -48,6 +48,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import DomainConfig
+
 __all__ = [
     "CMDLINE",
     "READY_MARKER",
@@ -162,6 +164,18 @@ class TinyGuest:
     cmdline: str
     #: A whole line the guest prints on its serial console once a power-button press will be seen.
     ready_marker: str
+
+    def domain_config(self, name: str, *, memory_mib: int = 128) -> DomainConfig:
+        """A ``pc`` domain under TCG (portable: nested KVM hangs Linux guests) that boots this guest."""
+        return DomainConfig(
+            name=name,
+            machine="pc",
+            accel="tcg",
+            memory_mib=memory_mib,
+            kernel=self.kernel,
+            initrd=self.initrd,
+            cmdline=self.cmdline,
+        )
 
 
 class TinyGuestBuildError(RuntimeError):
