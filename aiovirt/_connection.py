@@ -312,8 +312,8 @@ class Connection:
             self._forget(dom)
         dom._emit(EventKind.UNDEFINED, EventDetail.REMOVED)
 
-    def _write_runtime_record(self, dom: Domain, *, phase: str, proc: Process | None = None) -> None:
-        proc = proc or dom._process
+    def _write_runtime_record(self, dom: Domain, *, phase: str) -> None:
+        proc = dom._process
         self._statedir.write_runtime(
             dom.name,
             {
@@ -362,7 +362,9 @@ class Connection:
                 listener.close()  # QEMU holds its own copy; once it exits our connection sees EOF
         finally:
             os.close(log_fd)
-        self._write_runtime_record(dom, phase="starting", proc=proc)
+        # No record of the pid yet: that waits for the "running" record (each replacing rename
+        # costs a flush on ext4). A crash before it leaves the pid-less "starting" record, and the
+        # next connection finds this QEMU by the -uuid on its command line.
         dom._exited = anyio.Event()
 
         async def on_ready(qmp: QMPClient) -> None:
