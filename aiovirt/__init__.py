@@ -3,7 +3,7 @@
 ::
 
     async with aiovirt.connect("qemu:///embed?root=/srv/vms") as conn:
-        dom = await conn.define(aiovirt.DomainConfig(name="web-1", machine="pc", accel="tcg"))
+        dom = await conn.define(aiovirt.DomainConfig(name="web-1", memory_mib=256, machine="pc", accel="tcg"))
         await dom.start()
         await dom.destroy(graceful=True, timeout=10)
 
