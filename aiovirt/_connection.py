@@ -348,10 +348,7 @@ class Connection:
                     proc = Process.spawn(argv, output_fd=log_fd, pass_fds=[listener.fileno()])
                 except OSError as exc:
                     sock.close()
-                    sd.remove_runtime(name)
-                    dom._running_config = None
-                    dom._set_state(DomainState.SHUTOFF, StateReason.FAILED)
-                    dom._emit(EventKind.STOPPED, EventDetail.FAILED)
+                    dom._shut_off(StateReason.FAILED, EventDetail.FAILED)
                     raise LaunchError(
                         name,
                         f"cannot execute {argv[0]!r}: {exc.strerror}",
@@ -524,10 +521,7 @@ class Connection:
             else:
                 why = f"pid {identity.pid} is another process now"
             logger.info("domain %r: its QEMU exited while no controller ran (%s); shut off", name, why)
-            sd.remove_runtime(name)
-            dom._set_state(DomainState.SHUTOFF, StateReason.DAEMON)
-            dom._emit(EventKind.STOPPED, EventDetail.FAILED)
-            self._on_domain_stopped(dom)
+            dom._shut_off(StateReason.DAEMON, EventDetail.FAILED)
             return
         try:
             sock = sd.connect_monitor(name)
@@ -541,10 +535,7 @@ class Connection:
             with anyio.move_on_after(30):
                 await proc.wait()
             proc.close()
-            sd.remove_runtime(name)
-            dom._set_state(DomainState.SHUTOFF, StateReason.DAEMON)
-            dom._emit(EventKind.STOPPED, EventDetail.FAILED)
-            self._on_domain_stopped(dom)
+            dom._shut_off(StateReason.DAEMON, EventDetail.FAILED)
             return
         dom._exited = anyio.Event()
         attached = proc

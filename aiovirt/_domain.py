@@ -400,7 +400,7 @@ class Domain:
             await proc.wait()
         finally:
             if proc.exited:
-                self._on_exit(proc, failed=not ready, launching=launching)
+                self._on_exit(failed=not ready, launching=launching)
             proc.close()
 
     async def _kill_failed_launch(self, proc: Process, *, grace: float) -> None:
@@ -412,7 +412,7 @@ class Domain:
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
 
-    def _on_exit(self, proc: Process, *, failed: bool, launching: bool) -> None:
+    def _on_exit(self, *, failed: bool, launching: bool) -> None:
         if failed and not launching:
             reason, detail = StateReason.DAEMON, EventDetail.FAILED  # we killed what we could not take back
         elif failed:
@@ -423,6 +423,10 @@ class Domain:
             reason, detail = StateReason.SHUTDOWN, EventDetail.SHUTDOWN
         else:
             reason, detail = StateReason.CRASHED, EventDetail.CRASHED
+        self._shut_off(reason, detail)
+
+    def _shut_off(self, reason: StateReason, detail: EventDetail) -> None:
+        """The domain has no QEMU (any more): forget the process, record and say so."""
         self._process, self._qmp, self._running_config = None, None, None
         self._conn._statedir.remove_runtime(self.name)
         self._set_state(DomainState.SHUTOFF, reason)
