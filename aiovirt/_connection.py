@@ -151,7 +151,7 @@ class Connection:
 
     # -- domains --------------------------------------------------------------------------------
 
-    def lookup(self, name: str) -> Domain:
+    async def lookup(self, name: str) -> Domain:
         """The domain called ``name``. Raises :class:`DomainNotFoundError`."""
         self._check_open()
         try:
@@ -159,7 +159,7 @@ class Connection:
         except KeyError:
             raise DomainNotFoundError(name) from None
 
-    def list_domains(self, active: bool | None = None) -> list[Domain]:
+    async def list_domains(self, active: bool | None = None) -> list[Domain]:
         """All domains sorted by name; only active (or only inactive) ones when ``active`` is given."""
         self._check_open()
         doms = sorted(self._domains.values(), key=lambda d: d.name)
@@ -250,9 +250,9 @@ class Connection:
         """
         self._check_open()
         targets = (
-            self.list_domains(active=True)
+            await self.list_domains(active=True)
             if domains is None
-            else [d if isinstance(d, Domain) else self.lookup(d) for d in domains]
+            else [d if isinstance(d, Domain) else await self.lookup(d) for d in domains]
         )
         return await stop_all(targets, policy or StopPolicy(), limit, on_result)
 

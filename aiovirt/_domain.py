@@ -196,7 +196,7 @@ class Domain:
         with self._events.subscribe(max_buffer) as sub:
             yield sub
 
-    def info(self) -> DomainInfo:
+    async def info(self) -> DomainInfo:
         proc = self._process
         cfg = self.config
         return DomainInfo(

@@ -133,7 +133,7 @@ def worker_aiovirt(args: argparse.Namespace, workdir: Path) -> Result:
                     out["rss_running_kib"] = _bench.rss_bytes() // 1024
                     out["threads_running"] = _bench.os_threads()
                     out["fds_running"] = _bench.open_fds()
-                    running = len(conn.list_domains(active=True))
+                    running = len(await conn.list_domains(active=True))
                     if running != n:
                         raise RuntimeError(f"{running} of {n} domains are running after create")
 
@@ -163,7 +163,7 @@ def worker_aiovirt(args: argparse.Namespace, workdir: Path) -> Result:
                 # On error or cancellation: stop what runs, shielded and bounded (kill_children
                 # in the caller is the last resort).
                 with anyio.CancelScope(shield=True), anyio.move_on_after(60):
-                    leftover = conn.list_domains(active=True)
+                    leftover = await conn.list_domains(active=True)
                     if leftover:
                         async with anyio.create_task_group() as tg:
                             for dom in leftover:

@@ -69,7 +69,7 @@ async def start(uri: str, names: list[str], *, transient: bool) -> None:
                 dom = await conn.create(config(name))
             else:
                 try:
-                    dom = conn.lookup(name)
+                    dom = await conn.lookup(name)
                 except aiovirt.DomainNotFoundError:
                     dom = await conn.define(config(name))
                 await dom.start()
@@ -127,11 +127,11 @@ async def churn(uri: str, seed: int, count: int) -> None:
     rng = random.Random(seed)
     names = [f"c{i:02d}" for i in range(count)]
     async with aiovirt.connect(uri) as conn:
-        say("ready", len(conn.list_domains(active=True)))
+        say("ready", len(await conn.list_domains(active=True)))
 
         async def act(name: str) -> None:
             try:
-                dom = conn.lookup(name)
+                dom = await conn.lookup(name)
             except aiovirt.DomainNotFoundError:
                 if rng.random() < 0.7:
                     await conn.define(config(name))

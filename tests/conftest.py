@@ -78,7 +78,7 @@ async def conn(uri: str) -> AsyncIterator[aiovirt.Connection]:
         try:
             yield c
         finally:
-            for dom in c.list_domains(active=True):
+            for dom in await c.list_domains(active=True):
                 if dom.pid is not None:
                     os.kill(dom.pid, signal.SIGCONT)  # in case a test left it stopped
                 await dom.destroy(timeout=5)

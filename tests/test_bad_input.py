@@ -69,7 +69,7 @@ async def test_missing_emulator(conn: aiovirt.Connection, state_root: Path) -> N
 
 async def test_failed_start_can_be_retried(conn: aiovirt.Connection, state_root: Path) -> None:
     await _assert_failed_start(conn, state_root, none_config("retry", extra_args=["-bogus"]), "-bogus")
-    dom = conn.lookup("retry")
+    dom = await conn.lookup("retry")
     await conn.define(none_config("retry", uuid=dom.uuid))
     await dom.start()
     assert dom.state == S.RUNNING
@@ -80,7 +80,7 @@ async def test_failed_create_forgets_the_transient_domain(conn: aiovirt.Connecti
     with pytest.raises(aiovirt.LaunchError):
         await conn.create(none_config("tmpfail", extra_args=["-bogus"]))
     with pytest.raises(aiovirt.DomainNotFoundError):
-        conn.lookup("tmpfail")
+        await conn.lookup("tmpfail")
 
 
 async def test_invalid_config_via_model_copy_is_rejected(conn: aiovirt.Connection, state_root: Path) -> None:
@@ -115,13 +115,13 @@ async def test_names_and_uuids_are_unique(conn: aiovirt.Connection) -> None:
 
 async def test_lookup_list_undefine(conn: aiovirt.Connection, state_root: Path, uri: str) -> None:
     with pytest.raises(aiovirt.DomainNotFoundError):
-        conn.lookup("nobody")
+        await conn.lookup("nobody")
     x = await conn.define(none_config("x"))
     y = await conn.define(none_config("y"))
     await y.start()
-    assert conn.list_domains() == [x, y]
-    assert conn.list_domains(active=True) == [y]
-    assert conn.list_domains(active=False) == [x]
+    assert await conn.list_domains() == [x, y]
+    assert await conn.list_domains(active=True) == [y]
+    assert await conn.list_domains(active=False) == [x]
     record = json.loads((state_root / "domains" / "x.json").read_text())
     assert (
         record["format"] == 1 and record["config"]["name"] == "x" and record["config"]["uuid"] == str(x.uuid)
@@ -130,15 +130,15 @@ async def test_lookup_list_undefine(conn: aiovirt.Connection, state_root: Path, 
     await x.undefine()
     assert not (state_root / "domains" / "x.json").exists()
     with pytest.raises(aiovirt.DomainNotFoundError):
-        conn.lookup("x")
+        await conn.lookup("x")
     with pytest.raises(aiovirt.DomainNotFoundError):
         await x.start()  # a stale object
 
     await y.undefine()  # running: becomes transient, gone once stopped
-    assert conn.lookup("y") is y and not y.persistent
+    assert await conn.lookup("y") is y and not y.persistent
     await y.destroy()
     with pytest.raises(aiovirt.DomainNotFoundError):
-        conn.lookup("y")
+        await conn.lookup("y")
 
 
 async def test_definitions_survive_reconnect(uri: str) -> None:
@@ -147,7 +147,7 @@ async def test_definitions_survive_reconnect(uri: str) -> None:
         cfg = dom.config
         assert cfg.uuid is not None
     async with aiovirt.connect(uri) as conn:
-        assert conn.lookup("keep").config == cfg
+        assert (await conn.lookup("keep")).config == cfg
 
 
 @pytest.mark.parametrize(

@@ -142,8 +142,8 @@ async def test_bad_definition(uri: str, state_root: Path, outside: Path, kind: s
         assert not path.exists() and not path.is_symlink()
         assert [(p.kind, p.path) for p in conn.problems] == [("definition", aside)]
         assert str(aside) in caplog.text
-        assert [d.name for d in conn.list_domains()] == ["ok"]
-        ok = conn.lookup("ok")
+        assert [d.name for d in await conn.list_domains()] == ["ok"]
+        ok = await conn.lookup("ok")
         await ok.start()
         assert (await ok.qmp("query-status"))["status"] == "running"
         await ok.destroy()
@@ -153,7 +153,7 @@ async def test_bad_definition(uri: str, state_root: Path, outside: Path, kind: s
 
     async with aiovirt.connect(uri) as conn:  # still reported, once, until someone removes it
         assert [(p.kind, p.path) for p in conn.problems] == [("definition", aside)]
-        assert [d.name for d in conn.list_domains()] == ["bad", "ok"]
+        assert [d.name for d in await conn.list_domains()] == ["bad", "ok"]
     assert aside.exists() or aside.is_symlink()
 
 
@@ -171,27 +171,27 @@ async def test_bad_runtime_record_of_a_running_domain(
     async with aiovirt.connect(uri) as conn:
         aside = assert_set_aside(kind, path, before, outside)
         assert [(p.kind, p.path) for p in conn.problems] == [("runtime", aside)]
-        bad, ok = conn.lookup("bad"), conn.lookup("ok")
+        bad, ok = await conn.lookup("bad"), await conn.lookup("ok")
         assert (bad.state, bad.pid, ok.state, ok.pid) == (S.RUNNING, pids["bad"], S.RUNNING, pids["ok"])
         assert (await bad.qmp("query-status"))["status"] == "running"
         assert runtime_record(state_root, "bad")["pid"] == pids["bad"]
     assert snapshot(outside) == outside_before
     async with aiovirt.connect(uri) as conn:
         assert [(p.kind, p.path) for p in conn.problems] == [("runtime", aside)]  # still reported
-        bad = conn.lookup("bad")
+        bad = await conn.lookup("bad")
         assert (bad.state, bad.pid) == (S.RUNNING, pids["bad"])
         await bad.destroy()
-        await conn.lookup("ok").destroy()
+        await (await conn.lookup("ok")).destroy()
 
 
 async def test_bad_runtime_record_of_a_paused_domain(uri: str, state_root: Path) -> None:
     """Taken back by UUID, a paused QEMU is PAUSED: not reported as started nor as running."""
     pids = await start_here(uri, "p")
     async with aiovirt.connect(uri) as conn:
-        await conn.lookup("p").suspend()
+        await (await conn.lookup("p")).suspend()
     (state_root / "run" / "p.json").write_bytes(b"{")
     async with aiovirt.connect(uri) as conn, conn.subscribe() as events:
-        p = conn.lookup("p")
+        p = await conn.lookup("p")
         assert (p.state, p.reason, p.pid) == (S.PAUSED, R.USER, pids["p"])
         assert (await p.qmp("query-status"))["status"] == "paused"
         await p.resume()
@@ -216,9 +216,9 @@ async def test_bad_runtime_record_of_a_transient_domain(uri: str, state_root: Pa
             assert [p.path for p in conn.problems] == [state_root / "run" / "t.json.corrupt"]
             assert str(pids["t"]) in conn.problems[0].message
             with pytest.raises(aiovirt.DomainNotFoundError):
-                conn.lookup("t")
+                await conn.lookup("t")
             assert pid_alive(pids["t"])
-            await conn.lookup("ok").destroy()
+            await (await conn.lookup("ok")).destroy()
     finally:
         kill_and_reap(pids["t"])
 
@@ -236,7 +236,7 @@ async def test_runtime_record_of_another_uuid(uri: str, state_root: Path) -> Non
             assert [(p.kind, p.path) for p in conn.problems] == [
                 ("runtime", state_root / "run" / "x.json.corrupt")
             ]
-            x = conn.lookup("x")
+            x = await conn.lookup("x")
             assert x.state == S.SHUTOFF and str(x.uuid) == record["config"]["uuid"]
             assert pid_alive(pids["x"])
             await x.start()
@@ -253,7 +253,8 @@ async def test_duplicate_uuid_in_definitions(uri: str, state_root: Path) -> None
     record["config"]["name"] = "b"
     (state_root / "domains" / "b.json").write_text(json.dumps(record))
     async with aiovirt.connect(uri) as conn:
-        assert [d.name for d in conn.list_domains()] == ["a"] and conn.lookup("a").uuid == a.uuid
+        assert [d.name for d in await conn.list_domains()] == ["a"]
+        assert (await conn.lookup("a")).uuid == a.uuid
         assert [p.path for p in conn.problems] == [state_root / "domains" / "b.json.corrupt"]
 
 
@@ -282,8 +283,8 @@ async def test_planted_symlinks_elsewhere(uri: str, state_root: Path, outside: P
     log.symlink_to(target)
     async with aiovirt.connect(uri) as conn:
         with pytest.raises(aiovirt.StateDirError, match=r"vm\.log"):
-            await conn.lookup("vm").start()
-        assert conn.lookup("vm").state == S.SHUTOFF
+            await (await conn.lookup("vm")).start()
+        assert (await conn.lookup("vm")).state == S.SHUTOFF
         assert qemu_pids(str(state_root)) == set()
     log.unlink()
 
@@ -321,7 +322,7 @@ async def test_permissions_after_reattach_and_with_umask_0(
     try:
         await held_controller_start(anyio_backend, uri)
         async with aiovirt.connect(uri) as conn:
-            dom = conn.lookup("perm")
+            dom = await conn.lookup("perm")
             assert dom.state == S.RUNNING
             async with conn.run(none_config("mine")):
                 for d in (state_root, state_root / "domains", state_root / "run", state_root / "log"):
@@ -399,7 +400,7 @@ async def test_stale_temporary_files_are_removed(uri: str, state_root: Path) -> 
     (state_root / "domains" / ".vm.json.999.1.tmp").write_bytes(definition[:10])
     (state_root / "run" / ".vm.json.999.2.tmp").write_bytes(b"")
     async with aiovirt.connect(uri) as conn:
-        assert conn.problems == [] and conn.lookup("vm").config == dom.config
+        assert conn.problems == [] and (await conn.lookup("vm")).config == dom.config
         assert sorted(p.name for p in (state_root / "domains").iterdir()) == ["vm.json"]
         assert list((state_root / "run").iterdir()) == []
 
@@ -491,7 +492,7 @@ async def check_connected(conn: aiovirt.Connection, state_root: Path, where: str
     """After a reconnect: every domain RUNNING/PAUSED and attached, or SHUTOFF; records match."""
     assert conn.problems == [], f"{where}: {conn.problems}"
     active = {}
-    for dom in conn.list_domains():
+    for dom in await conn.list_domains():
         if dom.active:
             assert dom.state in (S.RUNNING, S.PAUSED) and dom.pid is not None, f"{where}: {dom!r}"
             status = (await dom.qmp("query-status"))["status"]
@@ -509,7 +510,7 @@ async def check_connected(conn: aiovirt.Connection, state_root: Path, where: str
     live = {p for p in qemu_pids(str(state_root)) if pid_alive(p)}
     assert live == set(active.values()), f"{where}: QEMUs {sorted(live)} vs domains {active}"
     definitions = {p.stem for p in (state_root / "domains").glob("*.json")}
-    assert definitions == {d.name for d in conn.list_domains() if d.persistent}, where
+    assert definitions == {d.name for d in await conn.list_domains() if d.persistent}, where
     assert not list(state_root.rglob(".*.tmp")), f"{where}: temporary files left"
 
 
@@ -549,13 +550,13 @@ async def test_sigkill_controller_at_random_instants(
             check_while_no_controller_runs(state_root, where)
             async with aiovirt.connect(uri) as conn:
                 await check_connected(conn, state_root, where)
-                most_running = max(most_running, len(conn.list_domains(active=True)))
+                most_running = max(most_running, len(await conn.list_domains(active=True)))
             _reap_qemu_zombies()
         print(f"{ROUNDS} kills, {after_connect} after connect, up to {most_running} domains running")
     finally:
         with anyio.CancelScope(shield=True):
             async with aiovirt.connect(uri) as conn:
-                for dom in conn.list_domains(active=True):
+                for dom in await conn.list_domains(active=True):
                     await dom.destroy(timeout=5)
         stray = {p for p in qemu_pids(str(state_root)) if pid_alive(p)}
         for pid in stray:

@@ -221,7 +221,7 @@ async def test_300_domains_stopped_concurrently_give_300_stopped_events(conn: ai
     async with anyio.create_task_group() as tg:
         for i in range(n):
             tg.start_soon(create, i)
-    assert len(conn.list_domains(active=True)) == n
+    assert len(await conn.list_domains(active=True)) == n
 
     completed: list[aiovirt.StopResult] = []
     async with conn.subscribe(max_buffer=4 * n) as events, conn.subscribe(max_buffer=100) as small:
@@ -249,4 +249,4 @@ async def test_300_domains_stopped_concurrently_give_300_stopped_events(conn: ai
             async for _ in small:
                 small_got += 1
         assert small_got == 100 and info.value.dropped == 2 * n - 100
-    assert conn.list_domains() == []  # transient: all forgotten once stopped
+    assert await conn.list_domains() == []  # transient: all forgotten once stopped

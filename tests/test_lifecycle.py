@@ -48,7 +48,7 @@ async def test_lifecycle_of_a_no_os_domain(conn: aiovirt.Connection) -> None:
     await dom.reset()
     assert dom.state == S.RUNNING and dom.pid == pid
 
-    info = dom.info()
+    info = await dom.info()
     assert info.state == S.RUNNING and info.pid == pid
     assert info.rss_bytes > 0 and info.cpu_time >= 0 and info.uptime >= 0
 
@@ -139,7 +139,7 @@ async def test_cancelled_run_leaves_no_qemu(conn: aiovirt.Connection) -> None:
     assert pids and not pid_alive(pids[0])
     assert dom.state == S.SHUTOFF
     with pytest.raises(aiovirt.DomainNotFoundError):
-        conn.lookup("cancel-run")  # transient: forgotten once stopped
+        await conn.lookup("cancel-run")  # transient: forgotten once stopped
 
 
 async def test_cancelled_start_leaves_no_qemu(conn: aiovirt.Connection, state_root: Path) -> None:

@@ -145,12 +145,12 @@ async def test_define_close_reopen(uri: str, state_root: Path) -> None:
         configs = {"a": a.config, "b": b.config}
         assert conn.problems == []
     async with aiovirt.connect(uri) as conn:
-        assert [d.name for d in conn.list_domains()] == ["a", "b"]
+        assert [d.name for d in await conn.list_domains()] == ["a", "b"]
         for name, cfg in configs.items():
-            dom = conn.lookup(name)
+            dom = await conn.lookup(name)
             assert dom.config == cfg and dom.uuid == cfg.uuid
             assert (dom.state, dom.persistent, dom.autostart, dom.pid) == (S.SHUTOFF, True, False, None)
-        assert conn.lookup("b").uuid == uuid_mod.UUID(int=7)
+        assert (await conn.lookup("b")).uuid == uuid_mod.UUID(int=7)
         assert conn.problems == []
     record = json.loads((state_root / "domains" / "a.json").read_text())
     assert record == {"format": 1, "autostart": False, "config": configs["a"].model_dump(mode="json")}
@@ -168,11 +168,11 @@ async def test_define_and_create_of_one_name_at_once(uri: str, state_root: Path)
         async with anyio.create_task_group() as tg:
             tg.start_soon(attempt, conn.define)
             tg.start_soon(attempt, conn.create)
-        listed = {d.pid for d in conn.list_domains(active=True)}
+        listed = {d.pid for d in await conn.list_domains(active=True)}
         running = {p for p in qemu_pids(str(state_root)) if pid_alive(p)}
         for pid in running - listed:
             os.kill(pid, signal.SIGKILL)  # the lost QEMU: not ours to leak
-        for dom in conn.list_domains(active=True):
+        for dom in await conn.list_domains(active=True):
             await dom.destroy()
         assert running == listed, "a running QEMU is missing from list_domains()"
 
@@ -192,15 +192,15 @@ async def test_reattach_after_controller_exit(anyio_backend: str, uri: str, stat
 
     async with aiovirt.connect(uri) as conn:
         assert conn.problems == []
-        a, b, p, t = (conn.lookup(n) for n in ("a", "b", "p", "t"))
-        assert [d.name for d in conn.list_domains(active=True)] == ["a", "b", "p", "t"]
+        a, b, p, t = [await conn.lookup(n) for n in ("a", "b", "p", "t")]
+        assert [d.name for d in await conn.list_domains(active=True)] == ["a", "b", "p", "t"]
         for dom in (a, b, t):
             assert dom.state == S.RUNNING and dom.pid == pids[dom.name]
             assert (await dom.qmp("query-status"))["status"] == "running"
         assert (p.state, p.reason, p.pid) == (S.PAUSED, R.USER, pids["p"])
         assert (await p.qmp("query-status"))["status"] == "paused"
         assert a.persistent and not t.persistent
-        assert parent_of(pids["a"]) != os.getpid() and a.info().uptime > 0  # not our child
+        assert parent_of(pids["a"]) != os.getpid() and (await a.info()).uptime > 0  # not our child
 
         async with a.subscribe() as events:
             await a.suspend()
@@ -231,7 +231,7 @@ async def test_reattach_after_controller_exit(anyio_backend: str, uri: str, stat
 
         await t.destroy()
         with pytest.raises(aiovirt.DomainNotFoundError):
-            conn.lookup("t")  # a transient domain is forgotten once stopped
+            await conn.lookup("t")  # a transient domain is forgotten once stopped
         await p.destroy()
 
         await a.start()  # and it starts again, as our own child now
@@ -245,7 +245,7 @@ async def test_reattach_after_controller_crash(anyio_backend: str, uri: str, sta
         os.kill(holder, signal.SIGKILL)
     async with aiovirt.connect(uri) as conn:
         assert conn.problems == []
-        a, p = conn.lookup("a"), conn.lookup("p")
+        a, p = await conn.lookup("a"), await conn.lookup("p")
         assert (a.state, a.pid) == (S.RUNNING, pids["a"])
         assert (p.state, p.pid) == (S.PAUSED, pids["p"])
         assert (await a.qmp("query-status"))["status"] == "running"
@@ -253,7 +253,7 @@ async def test_reattach_after_controller_crash(anyio_backend: str, uri: str, sta
         assert (record["pid"], record["phase"], record["uuid"]) == (pids["a"], "running", str(a.uuid))
     # Reattached twice in a row: nothing is lost by a reattach either.
     async with aiovirt.connect(uri) as conn:
-        a, p = conn.lookup("a"), conn.lookup("p")
+        a, p = await conn.lookup("a"), await conn.lookup("p")
         assert (a.state, a.pid, p.state, p.pid) == (S.RUNNING, pids["a"], S.PAUSED, pids["p"])
         await a.destroy(graceful=True)
         await p.destroy()
@@ -280,7 +280,7 @@ async def test_controller_crash_during_start(
         assert lines == [f"spawned {pid}"]
     async with aiovirt.connect(uri) as conn:
         assert conn.problems == []
-        dom = conn.lookup("half")
+        dom = await conn.lookup("half")
         assert (dom.state, dom.reason, dom.pid) == (S.RUNNING, R.BOOTED, pid)
         assert (await dom.qmp("query-status"))["status"] == "running"
         record = runtime_record(state_root, "half")
@@ -297,11 +297,11 @@ async def test_qemu_died_while_no_controller_ran(uri: str, state_root: Path, cap
     kill_and_reap(pids["tdead"])
     caplog.set_level(logging.INFO, logger="aiovirt")
     async with aiovirt.connect(uri) as conn:
-        dead, alive = conn.lookup("dead"), conn.lookup("alive")
+        dead, alive = await conn.lookup("dead"), await conn.lookup("alive")
         assert (dead.state, dead.reason, dead.pid) == (S.SHUTOFF, R.DAEMON, None)
         assert (alive.state, alive.pid) == (S.RUNNING, pids["alive"])
         with pytest.raises(aiovirt.DomainNotFoundError):
-            conn.lookup("tdead")
+            await conn.lookup("tdead")
         assert not (state_root / "run" / "dead.json").exists()
         assert not (state_root / "run" / "tdead.json").exists()
         assert (state_root / "domains" / "dead.json").exists()
@@ -384,7 +384,7 @@ async def test_pid_reuse_is_never_signalled(uri: str, state_root: Path, tmp_path
         identity = read_identity(pid)
         assert identity is not None and identity.start_time != record["start_time"]
         async with aiovirt.connect(uri) as conn:
-            dom = conn.lookup("reused")
+            dom = await conn.lookup("reused")
             assert (dom.state, dom.reason, dom.pid) == (S.SHUTOFF, R.DAEMON, None)
             assert not (state_root / "run" / "reused.json").exists()
         assert pid_alive(pid) and proc_letter(pid) in "RS"
@@ -429,8 +429,8 @@ async def test_host_reboot(uri: str, state_root: Path, tmp_path: Path, run_dir: 
         await auto.set_autostart(True)
     pids = await start_here(uri, "plain", transient=("tmp",))
     async with aiovirt.connect(uri) as conn:
-        pids["auto"] = conn.lookup("auto").pid or 0  # started by autostart
-        assert conn.lookup("auto").state == S.RUNNING
+        pids["auto"] = (await conn.lookup("auto")).pid or 0  # started by autostart
+        assert (await conn.lookup("auto")).state == S.RUNNING
     for pid in pids.values():
         kill_and_reap(pid)
     if run_dir == "wiped":
@@ -440,8 +440,8 @@ async def test_host_reboot(uri: str, state_root: Path, tmp_path: Path, run_dir: 
     try:
         async with aiovirt.connect(uri) as conn:
             assert conn.problems == []
-            assert [d.name for d in conn.list_domains()] == ["auto", "plain"]
-            plain, auto = conn.lookup("plain"), conn.lookup("auto")
+            assert [d.name for d in await conn.list_domains()] == ["auto", "plain"]
+            plain, auto = await conn.lookup("plain"), await conn.lookup("auto")
             assert plain.state == S.SHUTOFF and plain.reason in (
                 (R.DAEMON,) if run_dir == "kept" else (R.UNKNOWN,)
             )
@@ -474,7 +474,7 @@ async def test_autostart_across_reconnect(uri: str, state_root: Path) -> None:
                 await t.set_autostart(True)  # transient
 
     async with aiovirt.connect(uri) as conn:
-        a, b = conn.lookup("a"), conn.lookup("b")
+        a, b = await conn.lookup("a"), await conn.lookup("b")
         assert a.autostart and a.config.memory_mib == 20
         assert (a.state, a.reason) == (S.RUNNING, R.BOOTED)
         assert b.state == S.SHUTOFF and not b.autostart
@@ -483,13 +483,13 @@ async def test_autostart_across_reconnect(uri: str, state_root: Path) -> None:
         assert [(e.name, e.kind) for e in conn.startup_events] == [("a", aiovirt.EventKind.STARTED)]
 
     async with aiovirt.connect(uri) as conn:
-        a = conn.lookup("a")
+        a = await conn.lookup("a")
         assert a.pid == pid  # already running: taken back, not started twice
         assert conn.startup_events == []
         await a.set_autostart(False)
         await a.destroy()
     async with aiovirt.connect(uri) as conn:
-        assert conn.lookup("a").state == S.SHUTOFF and not conn.lookup("a").autostart
+        assert (await conn.lookup("a")).state == S.SHUTOFF and not (await conn.lookup("a")).autostart
 
 
 async def test_autostart_failure_is_a_problem(uri: str, state_root: Path) -> None:
@@ -503,9 +503,9 @@ async def test_autostart_failure_is_a_problem(uri: str, state_root: Path) -> Non
             ("autostart", state_root / "domains" / "bad.json")
         ]
         assert "-bogus" in conn.problems[0].message
-        assert (conn.lookup("bad").state, conn.lookup("bad").reason) == (S.SHUTOFF, R.FAILED)
-        assert conn.lookup("good").state == S.RUNNING
-        await conn.lookup("good").destroy()
+        assert ((await conn.lookup("bad")).state, (await conn.lookup("bad")).reason) == (S.SHUTOFF, R.FAILED)
+        assert (await conn.lookup("good")).state == S.RUNNING
+        await (await conn.lookup("good")).destroy()
 
 
 async def test_destroy_remove_logs(anyio_backend: str, uri: str, state_root: Path) -> None:
@@ -522,7 +522,7 @@ async def test_destroy_remove_logs(anyio_backend: str, uri: str, state_root: Pat
         await gone.destroy(remove_logs=True)
         assert not (logs / "gone.log").exists() and not (logs / "gone.console").exists()
 
-        reattached = conn.lookup("reattached")
+        reattached = await conn.lookup("reattached")
         assert (logs / "reattached.log").exists() and (logs / "reattached.console").exists()
         await reattached.destroy(remove_logs=True)
         assert not (logs / "reattached.log").exists() and not (logs / "reattached.console").exists()

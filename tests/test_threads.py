@@ -52,7 +52,7 @@ async def test_300_domains_no_thread_growth(uri: str) -> None:
             async with anyio.create_task_group() as starters:
                 for i in range(N):
                     starters.start_soon(create, i)
-            assert len(conn.list_domains(active=True)) == N
+            assert len(await conn.list_domains(active=True)) == N
             samples.append(os_threads())  # all N running and watched
 
             async with anyio.create_task_group() as stoppers:
@@ -60,7 +60,7 @@ async def test_300_domains_no_thread_growth(uri: str) -> None:
                     stoppers.start_soon(dom.destroy)
             stop.set()
         assert all(d.state == aiovirt.DomainState.SHUTOFF for d in domains)
-        assert conn.list_domains() == []
+        assert await conn.list_domains() == []
     peak = max(samples)
     # Not one thread per domain: a fixed allowance for the runtime's own helpers, far below N.
     assert peak <= baseline + 2, f"threads grew from {baseline} to {peak} with {N} domains"

@@ -76,7 +76,7 @@ async def test_session_keeps_state_and_runtime_apart(xdg: tuple[Path, Path]) -> 
         finally:
             await dom.destroy()
     async with aiovirt.connect("qemu:///session") as conn:
-        assert conn.lookup("sess").state == aiovirt.DomainState.SHUTOFF
+        assert (await conn.lookup("sess")).state == aiovirt.DomainState.SHUTOFF
 
 
 async def test_default_uri_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
