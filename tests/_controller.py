@@ -35,7 +35,7 @@ import anyio
 import anyio.lowlevel
 
 import aiovirt
-import aiovirt._process
+import aiovirt.drivers.qemu._process
 import aiovirt.qmp._client
 
 EXPECTED = (
@@ -96,15 +96,15 @@ async def hold(uri: str, fork: bool = False) -> None:
 
 async def die_at(uri: str, point: str, name: str) -> None:
     if point == "after-spawn":
-        spawn = aiovirt._process.Process.spawn
+        spawn = aiovirt.drivers.qemu._process.Process.spawn
 
-        def spawn_then_die(*args: Any, **kwargs: Any) -> aiovirt._process.Process:
+        def spawn_then_die(*args: Any, **kwargs: Any) -> aiovirt.drivers.qemu._process.Process:
             proc = spawn(*args, **kwargs)
             say("spawned", proc.pid)
             die()
             return proc
 
-        aiovirt._process.Process.spawn = spawn_then_die  # type: ignore[method-assign]
+        aiovirt.drivers.qemu._process.Process.spawn = spawn_then_die  # type: ignore[method-assign]
     elif point == "before-cont":
         execute = aiovirt.qmp._client.QMPClient.execute
 

@@ -32,7 +32,7 @@ from aiovirt import DomainState as S
 from aiovirt import EventDetail as D
 from aiovirt import EventKind as K
 from aiovirt import StateReason as R
-from aiovirt._process import Process, read_identity
+from aiovirt.drivers.qemu._process import Process, read_identity
 
 from .conftest import none_config, pid_alive, qemu_pids
 
