@@ -41,6 +41,11 @@ class Connection:
         self._table = DomainTable(driver, uri.uri)
 
     @property
+    def driver(self) -> Driver:
+        """The backend behind this connection, for what only it offers (the test driver's scripts)."""
+        return self._driver
+
+    @property
     def closed(self) -> bool:
         return self._table.closed
 
@@ -118,6 +123,7 @@ class Connection:
         not raised. ``limit`` bounds concurrent QMP requests, never the waiting. ``on_result`` sees
         each result as it completes. Cancellation sends no further signal.
         """
+        self._table.check_open("stop domains")
         targets = (
             self._table.domains(active=True)
             if domains is None

@@ -43,6 +43,7 @@ EXPECTED = (
     aiovirt.DomainExistsError,
     aiovirt.DomainNotFoundError,
     aiovirt.ConnectionLostError,
+    aiovirt.LaunchError,  # a start that another task's destroy ended ("destroyed while starting")
 )
 
 

@@ -57,7 +57,8 @@ class GuestBehaviour:
     """``ignore``: the process neither reacts to SIGTERM nor answers its monitor (a ``kill -STOP``ped
     QEMU). SIGKILL still ends it unless ``sigkill="ignore"``."""
     sigkill: Literal["honour", "ignore"] = "honour"
-    """``ignore``: even SIGKILL does not end it (uninterruptible sleep: :class:`~aiovirt.ProcessBusyError`)."""
+    """``ignore``: even SIGKILL does not end it (uninterruptible sleep:
+    :class:`~aiovirt.ProcessBusyError`)."""
     crash_after: float | None = None
     """The process dies this long after the start (STOPPED/crashed)."""
     start_error: str | None = None

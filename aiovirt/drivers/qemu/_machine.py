@@ -89,7 +89,9 @@ class QemuMachine(Machine):
         return self._proc.send_signal(sig)
 
     def poll_exited(self) -> bool:
-        return self._proc.poll()
+        # A zombie leader may show before its pidfd turns readable (QEMU's other threads are
+        # still exiting): it is dead all the same.
+        return self._proc.poll() or proc_state(self._proc.pid) in ("Z", "X", "gone")
 
     def process_state(self) -> str:
         return proc_state(self._proc.pid)
