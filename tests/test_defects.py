@@ -3,9 +3,11 @@ against real QEMU. Each failed before its fix."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -28,6 +30,11 @@ def _proc_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read()
     return data[data.rindex(b")") + 2 :].split()[0].decode()
+
+
+def _pid(dom: aiovirt.Domain) -> int:
+    assert dom.pid is not None
+    return dom.pid
 
 
 def _stop_once_it_handles_sigterm(pid: int) -> None:
@@ -53,7 +60,7 @@ async def test_domain_of_a_closed_connection_fails_at_once(uri: str) -> None:
         pid = dom.pid
         assert pid is not None
     # Closed: QEMU runs on. Every call must fail now, with the closed error, sending nothing.
-    calls = {
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
         "destroy": lambda: dom.destroy(),
         "graceful destroy": lambda: dom.destroy(graceful=True),
         "shutdown": dom.shutdown,
@@ -133,10 +140,9 @@ async def test_define_racing_undefine_keeps_memory_and_disk_in_agreement(
 
 
 async def _undefine_if_persistent(dom: aiovirt.Domain) -> None:
-    try:
+    # The define had not run yet and it was transient already: nothing to undefine.
+    with contextlib.suppress(aiovirt.InvalidStateError):
         await dom.undefine()
-    except aiovirt.InvalidStateError:
-        pass  # the define had not run yet and it was transient already: nothing to undefine
 
 
 # 3 -----------------------------------------------------------------------------------------------
@@ -156,8 +162,7 @@ async def test_destroy_during_start_ends_the_start(conn: aiovirt.Connection) -> 
         tg.start_soon(_start_stuck, dom, errors)
         await dom.wait_for_state(S.PAUSED)
         assert dom.reason == R.STARTING_UP and dom.active
-        pid = dom.pid
-        assert pid is not None
+        pid = _pid(dom)
         _stop_once_it_handles_sigterm(pid)  # the start cannot finish on its own now
         with anyio.fail_after(HANG):
             assert await dom.destroy(timeout=0.5) == signal.SIGKILL
@@ -173,8 +178,7 @@ async def test_stop_all_includes_starting_domains(conn: aiovirt.Connection) -> N
     async with anyio.create_task_group() as tg:
         tg.start_soon(_start_stuck, dom, errors)
         await dom.wait_for_state(S.PAUSED)
-        pid = dom.pid
-        assert pid is not None
+        pid = _pid(dom)
         _stop_once_it_handles_sigterm(pid)
         with anyio.fail_after(HANG):
             [r] = await conn.stop_all(policy=StopPolicy(acpi_timeout=30, term_timeout=0.5, kill_timeout=10))
@@ -194,9 +198,12 @@ def short_handshake(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_connect_never_kills_a_qemu_it_cannot_talk_to(uri: str, short_handshake: None) -> None:
     names = ["deaf-0", "deaf-1", "deaf-2"]
     async with aiovirt.connect(uri) as conn:
-        pids = {n: (await conn.create(none_config(n))).pid for n in names}
+        pids: dict[str, int] = {}
+        for n in names:
+            pid = (await conn.create(none_config(n))).pid
+            assert pid is not None
+            pids[n] = pid
     for pid in pids.values():
-        assert pid is not None
         os.kill(pid, signal.SIGSTOP)
     started = time.monotonic()
     async with aiovirt.connect(uri) as conn:

@@ -29,9 +29,9 @@ from ._base import ConfigModel, CrossFieldErrors
 
 __all__ = [
     "IDE_SLOTS",
-    "SUPERVISION_BREAKING_OPTIONS",
     "MAX_MEMORY_MIB",
     "MAX_VCPUS",
+    "SUPERVISION_BREAKING_OPTIONS",
     "CacheMode",
     "Disk",
     "DomainConfig",
