@@ -181,7 +181,7 @@ def _nic(nic: Nic, devices: _E) -> None:
     if nic.forwards:
         element.add("backend", type="passt")
     for fwd in nic.forwards:
-        attrs = {"proto": fwd.protocol}
+        attrs: dict[str, str] = {"proto": fwd.protocol}
         if str(fwd.host_addr) != "0.0.0.0":  # no address: every address, as 0.0.0.0 is for QEMU
             attrs["address"] = str(fwd.host_addr)
         forward = element.add("portForward", **attrs)
@@ -242,7 +242,9 @@ def to_libvirt_xml(cfg: DomainConfig) -> str:
         cpu = root.add("cpu", mode="custom", match="exact", check="none")
         cpu.add("model", "qemu64", fallback="forbid")
     root.add("clock", offset="utc")
-    root.children += _children([("on_poweroff", "destroy"), ("on_reboot", "restart"), ("on_crash", "destroy")])
+    root.children += _children(
+        [("on_poweroff", "destroy"), ("on_reboot", "restart"), ("on_crash", "destroy")]
+    )
     devices = root.add("devices")
     if _is_absolute(cfg.emulator):
         devices.add("emulator", cfg.emulator)

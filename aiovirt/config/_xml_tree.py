@@ -116,9 +116,12 @@ class _Builder(ContentHandler, LexicalHandler):
         self._locator = locator
 
     def line(self) -> int:
-        return self._locator.getLineNumber() if self._locator is not None else 0
+        line = self._locator.getLineNumber() if self._locator is not None else None
+        return line or 0
 
-    def startElementNS(self, name: tuple[str | None, str], qname: str | None, attrs: AttributesNSImpl) -> None:
+    def startElementNS(
+        self, name: tuple[str | None, str], qname: str | None, attrs: AttributesNSImpl
+    ) -> None:
         attributes = {
             (local if not uri else f"{{{uri}}}{local}"): value for (uri, local), value in attrs.items()
         }
@@ -153,14 +156,10 @@ class _Refused(Exception):
 
 
 class _Errors(ErrorHandler):
+    """The default handler raises for errors; its warning() would print."""
+
     def warning(self, exception: BaseException) -> None:
-        pass  # expat reports nothing as a warning that matters here
-
-    def error(self, exception: BaseException) -> None:
-        raise exception
-
-    def fatalError(self, exception: BaseException) -> None:
-        raise exception
+        pass  # expat reports nothing as a warning
 
 
 def _one_line(text: str) -> str:
@@ -204,9 +203,8 @@ def parse_xml(text: str | bytes, *, what: str = "domain XML") -> Node:
         raise _error(what, f"line {exc.line}: {exc.message}") from None
     except SAXParseException as exc:
         message = _one_line(exc.getMessage())
-        raise _error(
-            what, f"malformed XML at line {exc.getLineNumber()}, column {exc.getColumnNumber() + 1}: {message}"
-        ) from None
+        line, column = exc.getLineNumber() or 0, (exc.getColumnNumber() or 0) + 1
+        raise _error(what, f"malformed XML at line {line}, column {column}: {message}") from None
     except SAXException as exc:
         raise _error(what, f"malformed XML: {_one_line(exc.getMessage())}") from None
     except UnicodeError as exc:
