@@ -99,7 +99,7 @@ MOVED_OUTCOMES = {
     "/domain/os": "mapped",
     "/domain/os/type": "mapped",
     "/domain/os/boot": "accepted",  # hd: libvirt's default
-    "/domain/cpu": "mapped",
+    "/domain/cpu": "accepted",  # custom qemu64: exactly aiovirt's -cpu qemu64
     "/domain/cpu/model": "accepted",  # qemu64: what aiovirt runs
     "/domain/clock": "accepted",  # utc
     "/domain/on_poweroff": "accepted",
@@ -574,6 +574,9 @@ def test_serial_and_console(body: str, console: bool, warning: str | None) -> No
         ("<devices><gizmo/></devices>", "<gizmo>: not understood by aiovirt: ignored"),
         ("<x:thing xmlns:x='urn:x'/>", "namespace 'urn:x' outside <metadata>"),
         ("<vcpu surprise='yes'>1</vcpu>", "attribute surprise='yes' is not understood by aiovirt: ignored"),
+        ("<clock offset='utc' adjustment='reset'/>", "attribute adjustment='reset' is not understood"),
+        ("<name>other</name>", "line 6: <name>: a second <name>: libvirt reads the first one; ignored"),
+        ("<devices><emulator>/a</emulator><emulator>/b</emulator></devices>", "a second <emulator>"),
         ("<qemu:capabilities xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'/>", "capability"),
     ],
 )

@@ -134,6 +134,12 @@ _QUIET_CONTROLLERS = {"usb", "pci", "ide", "sata", "fdc"}
 # Features a live XML lists for the qemu64 model under TCG: qemu64 has them already.
 _QEMU64_IMPLIED = {"hypervisor", "lahf_lm"}
 
+# What a domain has at most one of (libvirt reads the first).
+_SINGLE = {
+    "name", "uuid", "memory", "currentMemory", "vcpu", "os", "features", "cpu", "clock",
+    "on_poweroff", "on_reboot", "on_crash", "devices", "metadata",
+}  # fmt: skip
+
 _DISK_WARN = {"shareable", "serial", "wwn", "vendor", "product", "geometry", "blockio", "iotune", "boot"}
 _INTERFACE_WARN = {"mtu", "boot", "rom", "driver", "bandwidth", "filterref", "coalesce", "tune", "acpi"}
 
@@ -242,12 +248,12 @@ class _Reader:
         self.mapped(root)
         self.data["console"] = False  # no <serial> or <console>: no serial port
         self._domain_attrs(root)
-        for node in root.find("metadata"):
+        for node in root.find("metadata")[:1]:
             self._metadata(node)
         os_nodes = root.find("os")
         if not os_nodes:
             self.note(root, "no <os>: libvirt needs one; aiovirt runs an x86_64 'pc' machine")
-        for node in os_nodes:
+        for node in os_nodes[:1]:
             self._os(node)
         handlers: dict[str, Callable[[Node], None]] = {
             "name": self._name,
@@ -265,7 +271,13 @@ class _Reader:
             "resource": self._resource,
             "seclabel": self._seclabel,
         }
+        seen: set[str] = set()
         for node in root.children:
+            if node.ns == "" and node.name in _SINGLE:
+                if node.name in seen:
+                    self.warn(node, f"a second <{node.name}>: libvirt reads the first one; ignored")
+                    continue
+                seen.add(node.name)
             if node.outcome is not None:
                 continue
             if node.ns == QEMU_NS:
@@ -448,11 +460,11 @@ class _Reader:
             self.note(node, warning)
 
     def _features(self, node: Node) -> None:
-        self.mapped(node)
+        self.accept(node, whole=False)
         self.attrs(node, set())
         for child in node.children:
             if child.name == "acpi" and not child.children:
-                self.mapped(child)
+                self.accept(child)  # aiovirt always runs ACPI (see _acpi for its absence)
             elif child.name in ("apic", "pae") and not child.attrs and not child.children:
                 self.accept(child)  # x86_64 guests on pc/q35 have both under QEMU's defaults
             else:
@@ -478,7 +490,7 @@ class _Reader:
         if mode != "custom":
             self.warn(node, f"mode {mode!r}: aiovirt runs the qemu64 CPU model, not the host's")
             return
-        self.mapped(node)
+        self.accept(node, whole=False)
         self.attrs(node, {"mode", "match", "check", "migratable"})
         for child in node.children:
             if child.name == "model" and not child.children:
@@ -505,10 +517,11 @@ class _Reader:
 
     def _clock(self, node: Node) -> None:
         offset = node.attrs.get("offset", "utc")
-        if offset != "utc" or set(node.attrs) - {"offset"}:
-            self.warn(node, f"offset {offset!r}: aiovirt runs the guest's clock in UTC", whole=False)
+        if offset == "utc":
+            self.accept(node, whole=False)  # QEMU's RTC runs in UTC by default
+            self.attrs(node, {"offset"})
         else:
-            self.accept(node, whole=False)
+            self.warn(node, f"offset {offset!r}: aiovirt runs the guest's clock in UTC", whole=False)
         for timer in node.children:
             name = timer.attrs.get("name")
             self.warn(timer, f"timer {name!r}: aiovirt sets no timers: QEMU's defaults apply")
@@ -593,9 +606,11 @@ class _Reader:
         serials = [c for c in node.children if c.ns == "" and c.name == "serial"]
         for child in node.children:
             name = child.name if child.ns == "" else ""
-            if name == "emulator":
+            if name == "emulator" and "emulator" not in self.data:
                 self.mapped(child)
                 self.put("emulator", child.text, child)
+            elif name == "emulator":
+                self.warn(child, "a second <emulator>: libvirt reads the first one; ignored")
             elif name == "disk":
                 self._disk(child, disks)
             elif name == "interface":
