@@ -24,7 +24,7 @@ from aiovirt.config import (
     to_libvirt_xml,
 )
 from aiovirt.config._xml import disk_target
-from aiovirt.config._xml_tree import MAX_XML_BYTES
+from aiovirt.config._xml_tree import MAX_XML_BYTES, MAX_XML_DEPTH, MAX_XML_ELEMENTS
 
 from ._config_strategies import domain_configs
 
@@ -379,6 +379,17 @@ def test_entity_bomb_is_refused_before_anything_expands() -> None:
 def test_input_over_the_limit_is_refused_unread() -> None:
     text = "<domain>" + " " * MAX_XML_BYTES + "</domain>"
     assert f"more than the {MAX_XML_BYTES} accepted" in str(import_error(text))
+
+
+def test_too_many_or_too_deep_elements_are_refused_while_parsing() -> None:
+    many = "<domain><devices>" + "<x/>" * MAX_XML_ELEMENTS + "</devices></domain>"
+    assert str(import_error(many)) == (
+        f"invalid domain XML: line 1: more than {MAX_XML_ELEMENTS} elements: not a domain XML"
+    )
+    deep = "<domain>" + "<a>" * MAX_XML_DEPTH + "</a>" * MAX_XML_DEPTH + "</domain>"
+    assert str(import_error(deep)) == (
+        f"invalid domain XML: line 1: elements nested more than {MAX_XML_DEPTH} deep: not a domain XML"
+    )
 
 
 def test_bytes_in_a_declared_encoding() -> None:

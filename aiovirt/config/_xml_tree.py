@@ -14,6 +14,7 @@ a document can be passed over without a record.
 from __future__ import annotations
 
 import io
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -27,7 +28,16 @@ from defusedxml.expatreader import DefusedExpatParser
 
 from .._errors import ConfigError
 
-__all__ = ["LIBVIRT_NS", "MAX_XML_BYTES", "QEMU_NS", "Node", "Outcome", "parse_xml"]
+__all__ = [
+    "LIBVIRT_NS",
+    "MAX_XML_BYTES",
+    "MAX_XML_DEPTH",
+    "MAX_XML_ELEMENTS",
+    "QEMU_NS",
+    "Node",
+    "Outcome",
+    "parse_xml",
+]
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 """libvirt's namespace for QEMU-specific elements (``<qemu:commandline>``)."""
@@ -37,6 +47,13 @@ LIBVIRT_NS = ""
 
 MAX_XML_BYTES = 4 << 20
 """The largest document accepted: 4 MiB (a domain XML is a few KiB)."""
+
+MAX_XML_ELEMENTS = 10_000
+"""The most elements a document may have (libvirt's busiest domains have a few hundred): a
+document of millions of tiny elements would cost hundreds of MiB as a tree."""
+
+MAX_XML_DEPTH = 64
+"""The deepest nesting accepted (a domain XML nests about 6 deep)."""
 
 Outcome = Literal["mapped", "accepted", "warned", "error"]
 """What the importer did with an element: ``mapped`` into the config, ``accepted`` because it
@@ -67,23 +84,8 @@ class Node:
     contents need no record of their own)."""
     note: str = ""
     """The warning or error text, for ``warned`` and ``error``."""
-
-    @property
-    def path(self) -> str:
-        """An XPath-like location: ``/domain/devices/disk[2]/target``."""
-        parts: list[str] = []
-        node: Node | None = self
-        while node is not None:
-            part = node.name if node.ns in ("", QEMU_NS) else f"{{{node.ns}}}{node.name}"
-            if node.ns == QEMU_NS:
-                part = f"qemu:{node.name}"
-            if node.parent is not None:
-                same = [c for c in node.parent.children if c.name == node.name and c.ns == node.ns]
-                if len(same) > 1:
-                    part += f"[{same.index(node) + 1}]"
-            parts.append(part)
-            node = node.parent
-        return "/" + "/".join(reversed(parts))
+    path: str = ""
+    """An XPath-like location, ``/domain/devices/disk[2]/target`` (set once the document is read)."""
 
     @property
     def tag(self) -> str:
@@ -107,7 +109,7 @@ class _Builder(ContentHandler, LexicalHandler):
     def __init__(self) -> None:
         super().__init__()
         self.root: Node | None = None
-        self.saw_dtd = False
+        self.count = 0
         self._stack: list[Node] = []
         self._text: list[list[str]] = []
         self._locator: Locator | None = None
@@ -125,6 +127,11 @@ class _Builder(ContentHandler, LexicalHandler):
         attributes = {
             (local if not uri else f"{{{uri}}}{local}"): value for (uri, local), value in attrs.items()
         }
+        self.count += 1
+        if self.count > MAX_XML_ELEMENTS:
+            raise _Refused(self.line(), f"more than {MAX_XML_ELEMENTS} elements: not a domain XML")
+        if len(self._stack) >= MAX_XML_DEPTH:
+            raise _Refused(self.line(), f"elements nested more than {MAX_XML_DEPTH} deep: not a domain XML")
         parent = self._stack[-1] if self._stack else None
         node = Node(ns=name[0] or "", name=name[1], attrs=attributes, line=self.line(), parent=parent)
         if parent is None:
@@ -211,7 +218,26 @@ def parse_xml(text: str | bytes, *, what: str = "domain XML") -> Node:
         raise _error(what, f"not valid text: {exc}") from None
     if builder.root is None:  # pragma: no cover - expat reports "no element found" first
         raise _error(what, "no element found")
+    _set_paths(builder.root, "/" + _segment(builder.root))
     return builder.root
+
+
+def _segment(node: Node) -> str:
+    if node.ns == QEMU_NS:
+        return f"qemu:{node.name}"
+    return node.name if node.ns == "" else f"{{{node.ns}}}{node.name}"
+
+
+def _set_paths(node: Node, path: str) -> None:
+    """Give every element its path, in one pass (an index only where a name repeats)."""
+    node.path = path
+    totals = Counter((c.ns, c.name) for c in node.children)
+    seen: Counter[tuple[str, str]] = Counter()
+    for child in node.children:
+        key = (child.ns, child.name)
+        seen[key] += 1
+        index = f"[{seen[key]}]" if totals[key] > 1 else ""
+        _set_paths(child, f"{path}/{_segment(child)}{index}")
 
 
 def _error(what: str, message: str) -> ConfigError:
