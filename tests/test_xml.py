@@ -286,6 +286,8 @@ def test_unsupported_sample_names_every_element_it_cannot_honour() -> None:
         (domain("<uuid>nope</uuid>"), "line 6: <uuid>: 'nope' is not a UUID"),
         (domain("<currentMemory unit='parsecs'>1</currentMemory>"), "'1' 'parsecs' is not a memory size"),
         (domain("<vcpu>two</vcpu>"), "'two' is not a number of vCPUs"),
+        (domain("<vcpu>" + "9" * 5000 + "</vcpu>"), "is not a number of vCPUs"),
+        (domain("").replace(">64<", ">" + "9" * 5000 + "<"), "is not a memory size"),
         ("<network><name>default</name></network>", "not a libvirt domain XML"),
     ],
 )

@@ -150,7 +150,7 @@ _UNIT_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
 
 def _scale(value: str, unit: str) -> int | None:
     """libvirt's ``virScaleInteger``: ``b``/``bytes``; ``k``/``KiB`` are 1024, ``KB`` is 1000."""
-    if not re.fullmatch(r"[0-9]+", value):
+    if not re.fullmatch(r"[0-9]{1,20}", value):  # more digits than any size (and than int() takes)
         return None
     number = int(value)
     lowered = unit.lower()
@@ -160,6 +160,12 @@ def _scale(value: str, unit: str) -> int | None:
         return None
     base = 1000 if lowered[1:] == "b" else 1024
     return number * base ** _UNIT_POWERS[lowered[0]]  # type: ignore[no-any-return]
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut short: values come from untrusted documents and messages are one line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _machine(value: str) -> tuple[str, str | None] | None:
@@ -172,8 +178,8 @@ def _machine(value: str) -> tuple[str, str | None] | None:
             version = next(g for g in match.groups() if g is not None)
             same = f"QEMU {version}" if re.fullmatch(r"[0-9.]+", version) else "that version"
             return alias, (
-                f"aiovirt runs machine {alias!r}, the emulator's newest version of it: "
-                f"the same as {value!r} only when the emulator is {same}"
+                f"aiovirt runs machine {_short(alias)}, the emulator's newest version of it: "
+                f"the same as {_short(value)} only when the emulator is {same}"
             )
     return None
 
@@ -229,7 +235,7 @@ class _Reader:
         for name in node.attrs:
             if name not in known:
                 value = node.attrs[name]
-                self.note(node, f"attribute {name}={value!r} is not understood by aiovirt: ignored")
+                self.note(node, f"attribute {name}={_short(value)} is not understood by aiovirt: ignored")
 
     def text(self, node: Node) -> str:
         return node.text.strip()
@@ -283,7 +289,7 @@ class _Reader:
             if node.ns == QEMU_NS:
                 self._qemu(node)
             elif node.ns:
-                self.warn(node, f"element in namespace {node.ns!r} outside <metadata>: ignored")
+                self.warn(node, f"element in namespace {_short(node.ns)} outside <metadata>: ignored")
             elif node.name in handlers:
                 handlers[node.name](node)
             elif node.name in _WARN_TOP:
@@ -307,7 +313,7 @@ class _Reader:
                 (
                     root.path,
                     f"line {root.line}: {root.tag}: aiovirt runs QEMU guests: the domain type must be "
-                    f"'qemu' (TCG) or 'kvm', not {kind!r}",
+                    f"'qemu' (TCG) or 'kvm', not {_short(kind)}",
                 )
             )
             root.outcome, root.note = "error", "domain type"
@@ -322,7 +328,7 @@ class _Reader:
             if value == "auto" and kind == "kvm":
                 accel = "auto"  # written so by aiovirt: KVM where it exists, else TCG
             elif {"tcg": "qemu", "kvm": "kvm"}.get(value) != kind:
-                self.warn(node, f"accel {value!r} ignored: the domain type {kind!r} decides")
+                self.warn(node, f"accel {_short(value)} ignored: the domain type {_short(kind)} decides")
         self.put("accel", accel, self.root)
 
     def _leftovers(self) -> None:
@@ -346,7 +352,7 @@ class _Reader:
         try:
             value = UUID(self.text(node))
         except ValueError:
-            self.error(node, f"{self.text(node)!r} is not a UUID")
+            self.error(node, f"{_short(self.text(node))} is not a UUID")
             return
         self.mapped(node)
         self.put("uuid", value, node)
@@ -356,7 +362,7 @@ class _Reader:
         unit = node.attrs.get("unit", "KiB")
         value = _scale(self.text(node), unit)
         if value is None:
-            self.error(node, f"{self.text(node)!r} {unit!r} is not a memory size")
+            self.error(node, f"{_short(self.text(node))} {_short(unit)} is not a memory size")
         return value
 
     def _memory(self, node: Node) -> None:
@@ -373,7 +379,7 @@ class _Reader:
 
     def _current_memory(self, node: Node) -> None:
         current = self._bytes(node)
-        memory = [m for m in self.root.find("memory")]
+        memory = self.root.find("memory")
         total = self._peek_bytes(memory[0]) if memory else None
         if current is None:
             return
@@ -392,18 +398,18 @@ class _Reader:
     def _vcpu(self, node: Node) -> None:
         self.attrs(node, {"placement", "cpuset", "current"})
         text = self.text(node)
-        if not text.isdigit() or not text.isascii():
-            self.error(node, f"{text!r} is not a number of vCPUs")
+        if not re.fullmatch(r"[0-9]{1,9}", text):
+            self.error(node, f"{_short(text)} is not a number of vCPUs")
             return
         self.mapped(node)
         self.put("vcpus", int(text), node)
         if node.attrs.get("placement", "static") != "static":
-            self.note(node, f"placement {node.attrs['placement']!r}: aiovirt places no vCPUs")
+            self.note(node, f"placement {_short(node.attrs['placement'])}: aiovirt places no vCPUs")
         if "cpuset" in node.attrs:
             self.note(node, "cpuset: aiovirt pins no vCPUs to host CPUs")
         current = node.attrs.get("current")
         if current is not None and current.strip() != text:
-            self.note(node, f"current={current!r}: aiovirt starts all {text} vCPUs online")
+            self.note(node, f"current={_short(current)}: aiovirt starts all {text} vCPUs online")
 
     # -- os, features, cpu, clock, lifecycle -----------------------------------------------------
 
@@ -412,7 +418,7 @@ class _Reader:
         self.attrs(node, {"firmware"})
         firmware = node.attrs.get("firmware")
         if firmware not in (None, "bios"):
-            self.error(node, f"firmware {firmware!r}: aiovirt boots QEMU's default BIOS (SeaBIOS)")
+            self.error(node, f"firmware {_short(firmware)}: aiovirt boots QEMU's default BIOS (SeaBIOS)")
         booted = False
         for child in node.children:
             name = child.name if child.ns == "" else None
@@ -429,7 +435,9 @@ class _Reader:
                 if dev == "hd" and not booted:
                     self.accept(child)
                 else:
-                    message = f"boot device {dev!r}: aiovirt sets no boot order (the BIOS tries the disks)"
+                    message = (
+                        f"boot device {_short(dev)}: aiovirt sets no boot order (the BIOS tries the disks)"
+                    )
                     self.warn(child, message)
                 booted = True
             elif name in ("loader", "nvram"):
@@ -442,16 +450,16 @@ class _Reader:
     def _os_type(self, node: Node) -> None:
         self.attrs(node, {"arch", "machine"})
         if self.text(node) != "hvm":
-            self.error(node, f"os type {self.text(node)!r}: aiovirt runs full-system guests (hvm) only")
+            self.error(node, f"os type {_short(self.text(node))}: aiovirt runs full-system guests (hvm) only")
             return
         arch = node.attrs.get("arch", "x86_64")
         if arch != "x86_64":
-            self.error(node, f"architecture {arch!r}: aiovirt runs x86_64 guests only")
+            self.error(node, f"architecture {_short(arch)}: aiovirt runs x86_64 guests only")
             return
         value = node.attrs.get("machine", "pc")
         found = _machine(value)
         if found is None:
-            self.error(node, f"machine {value!r}: aiovirt runs pc (i440FX), q35, microvm or none")
+            self.error(node, f"machine {_short(value)}: aiovirt runs pc (i440FX), q35, microvm or none")
             return
         self.machine, warning = found
         self.mapped(node)
@@ -488,7 +496,7 @@ class _Reader:
             return
         mode = node.attrs.get("mode", "custom")
         if mode != "custom":
-            self.warn(node, f"mode {mode!r}: aiovirt runs the qemu64 CPU model, not the host's")
+            self.warn(node, f"mode {_short(mode)}: aiovirt runs the qemu64 CPU model, not the host's")
             return
         self.accept(node, whole=False)
         self.attrs(node, {"mode", "match", "check", "migratable"})
@@ -499,7 +507,7 @@ class _Reader:
                     self.accept(child)
                     self.attrs(child, {"fallback"})
                 else:
-                    self.warn(child, f"CPU model {model!r}: aiovirt runs qemu64")
+                    self.warn(child, f"CPU model {_short(model)}: aiovirt runs qemu64")
             elif (
                 child.name == "feature"
                 and child.attrs.get("name") in _QEMU64_IMPLIED
@@ -507,11 +515,11 @@ class _Reader:
             ):
                 self.accept(child)
             elif child.name == "feature":
-                self.warn(
-                    child,
-                    f"CPU feature {child.attrs.get('name')!r} ({child.attrs.get('policy', 'require')}): "
-                    "aiovirt runs qemu64 unchanged",
+                feature, policy = (
+                    _short(child.attrs.get("name")),
+                    _short(child.attrs.get("policy", "require")),
                 )
+                self.warn(child, f"CPU feature {feature} ({policy}): aiovirt runs qemu64 unchanged")
             else:
                 self.warn(child, "aiovirt runs qemu64 with QEMU's default topology and no extra CPU settings")
 
@@ -521,10 +529,10 @@ class _Reader:
             self.accept(node, whole=False)  # QEMU's RTC runs in UTC by default
             self.attrs(node, {"offset"})
         else:
-            self.warn(node, f"offset {offset!r}: aiovirt runs the guest's clock in UTC", whole=False)
+            self.warn(node, f"offset {_short(offset)}: aiovirt runs the guest's clock in UTC", whole=False)
         for timer in node.children:
             name = timer.attrs.get("name")
-            self.warn(timer, f"timer {name!r}: aiovirt sets no timers: QEMU's defaults apply")
+            self.warn(timer, f"timer {_short(name)}: aiovirt sets no timers: QEMU's defaults apply")
 
     _LIFECYCLE = {
         "on_poweroff": ("destroy", "aiovirt ends the domain when the guest powers off"),
@@ -538,7 +546,7 @@ class _Reader:
         if value == expected:
             self.accept(node)
         else:
-            self.warn(node, f"{value!r}: {what}")
+            self.warn(node, f"{_short(value)}: {what}")
 
     def _resource(self, node: Node) -> None:
         partitions = [self.text(p) for p in node.find("partition")]
@@ -569,7 +577,9 @@ class _Reader:
                         self.mapped(entry)
                         self.meta_emulator = (entry, entry.text)
             else:
-                self.warn(child, f"metadata in namespace {child.ns or '(none)'!r}: aiovirt does not keep it")
+                self.warn(
+                    child, f"metadata in namespace {_short(child.ns or '(none)')}: aiovirt does not keep it"
+                )
 
     def _emulator_default(self) -> None:
         if self.meta_emulator is None:
@@ -668,10 +678,10 @@ class _Reader:
         kind = node.attrs.get("type", "file")
         device = node.attrs.get("device", "disk")
         if kind != "file":
-            self.error(node, f"disk type {kind!r}: aiovirt attaches image files only (type='file')")
+            self.error(node, f"disk type {_short(kind)}: aiovirt attaches image files only (type='file')")
             return
         if device != "disk":
-            self.error(node, f"device {device!r}: aiovirt attaches hard disks only")
+            self.error(node, f"device {_short(device)}: aiovirt attaches hard disks only")
             return
         self.mapped(node)
         self.attrs(node, {"type", "device"})
@@ -722,11 +732,11 @@ class _Reader:
     def _disk_driver(self, node: Node, disk: dict[str, Any]) -> None:
         name = node.attrs.get("name", "qemu")
         if name != "qemu":
-            self.error(node, f"driver {name!r}: aiovirt opens images with QEMU itself")
+            self.error(node, f"driver {_short(name)}: aiovirt opens images with QEMU itself")
             return
         fmt = node.attrs.get("type", "raw")
         if fmt not in ("raw", "qcow2"):
-            self.error(node, f"image format {fmt!r}: aiovirt opens raw and qcow2 images only")
+            self.error(node, f"image format {_short(fmt)}: aiovirt opens raw and qcow2 images only")
             return
         self.mapped(node)
         disk["format"] = fmt
@@ -736,7 +746,7 @@ class _Reader:
         for attr in node.attrs:
             if attr not in ("name", "type", "cache"):
                 value = node.attrs[attr]
-                self.note(node, f"{attr}={value!r}: aiovirt does not apply it (QEMU's default applies)")
+                self.note(node, f"{attr}={_short(value)}: aiovirt does not apply it (QEMU's default applies)")
 
     def _disk_target(self, node: Node) -> str | None:
         dev = node.attrs.get("dev", "")
@@ -754,7 +764,7 @@ class _Reader:
             self.mapped(node)
             self.note(node, "aiovirt attaches it to the machine's IDE controller, not to an AHCI (SATA) one")
             return "ide"
-        self.error(node, f"bus {bus!r}: aiovirt attaches virtio and IDE/SATA disks only")
+        self.error(node, f"bus {_short(bus)}: aiovirt attaches virtio and IDE/SATA disks only")
         return None
 
     def _disk_slot(self, disk: Node, target: Node, bus: str, disks: list[dict[str, Any]]) -> None:
@@ -776,7 +786,7 @@ class _Reader:
         if asked is not None and asked != index:
             self.note(
                 target,
-                f"{dev!r} asks for IDE/SATA slot {asked}; aiovirt attaches IDE disks in order: "
+                f"{_short(dev)} asks for IDE/SATA slot {asked}; aiovirt attaches IDE disks in order: "
                 f"this is slot {index}",
             )
 
@@ -785,7 +795,7 @@ class _Reader:
     def _interface(self, node: Node, nics: list[dict[str, Any]]) -> None:
         kind = node.attrs.get("type")
         if kind != "user":
-            self.error(node, f"interface type {kind!r}: aiovirt runs user-mode (SLIRP) networking only")
+            self.error(node, f"interface type {_short(kind)}: aiovirt runs user-mode (SLIRP) networking only")
             return
         self.mapped(node)
         self.attrs(node, {"type"})
@@ -805,7 +815,7 @@ class _Reader:
                     self.mapped(child)
                     nic["model"] = model
                 else:
-                    self.error(child, f"model {model!r}: aiovirt emulates virtio and e1000 cards only")
+                    self.error(child, f"model {_short(model)}: aiovirt emulates virtio and e1000 cards only")
             elif name == "backend":
                 if child.attrs.get("type", "default") == "default" and len(child.attrs) <= 1:
                     self.accept(child)
@@ -838,7 +848,7 @@ class _Reader:
     def _port_forward(self, node: Node, forwards: list[dict[str, Any]], nic: int) -> None:
         proto = node.attrs.get("proto")
         if proto not in ("tcp", "udp"):
-            self.error(node, f"proto {proto!r}: aiovirt forwards tcp and udp only")
+            self.error(node, f"proto {_short(proto)}: aiovirt forwards tcp and udp only")
             return
         if "dev" in node.attrs:
             self.error(node, "dev: aiovirt cannot bind a forward to a host interface")
@@ -847,10 +857,10 @@ class _Reader:
         try:
             host_addr = ip_address(address)
         except ValueError:
-            self.error(node, f"address {address!r} is not an IP address")
+            self.error(node, f"address {_short(address)} is not an IP address")
             return
         if not isinstance(host_addr, IPv4Address):
-            self.error(node, f"address {address!r}: aiovirt forwards IPv4 host addresses only")
+            self.error(node, f"address {_short(address)}: aiovirt forwards IPv4 host addresses only")
             return
         self.mapped(node)
         self.attrs(node, {"proto", "address"})
@@ -903,7 +913,7 @@ class _Reader:
         else:
             self.warn(
                 node,
-                f"type {kind!r}: aiovirt writes the first serial port to the domain's console log "
+                f"type {_short(kind)}: aiovirt writes the first serial port to the domain's console log "
                 "(Domain.console_path)",
                 whole=False,
             )

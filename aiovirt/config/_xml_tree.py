@@ -91,7 +91,9 @@ class Node:
     def tag(self) -> str:
         """The element as it reads in messages: ``<interface type='bridge'>`` style, short."""
         name = f"qemu:{self.name}" if self.ns == QEMU_NS else self.name
-        shown = [f"{key}='{self.attrs[key]}'" for key in ("type", "model", "device") if key in self.attrs]
+        shown = [
+            f"{key}='{self.attrs[key][:40]}'" for key in ("type", "model", "device") if key in self.attrs
+        ]
         return "<" + " ".join([name, *shown]) + ">"
 
     def walk(self) -> Iterator[Node]:
