@@ -7,11 +7,14 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 from uuid import UUID
+from xml.sax.saxutils import escape, quoteattr
 
 import defusedxml.ElementTree as SafeET
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aiovirt._errors import ConfigError
 from aiovirt.config import (
@@ -793,3 +796,68 @@ def test_libvirt_qemu_driver_reads_the_export_back(tmp_path: Path) -> None:
     assert back.config == cfg.model_copy(update={"uuid": back.config.uuid})
     (warning,) = back.warnings
     assert "the same as 'pc-q35-7.2' only when the emulator is QEMU 7.2" in warning
+
+
+# -- any document: a config or a ConfigError, never anything else ----------------------------------
+
+_TAGS = [
+    "name", "uuid", "memory", "currentMemory", "vcpu", "os", "type", "kernel", "cmdline", "boot", "loader",
+    "features", "acpi", "cpu", "model", "feature", "clock", "timer", "on_reboot", "devices", "emulator",
+    "disk", "driver", "source", "target", "readonly", "address", "controller", "interface", "mac", "backend",
+    "portForward", "range", "serial", "console", "input", "memballoon", "graphics", "hostdev", "metadata",
+    "qemu:commandline", "qemu:arg", "qemu:env", "seclabel",
+]  # fmt: skip
+_ATTRS = [
+    "type", "dev", "bus", "file", "unit", "start", "end", "to", "exclude", "address", "proto", "machine",
+    "arch", "model", "device", "cache", "port", "mode",
+]  # fmt: skip
+_VALUES = [
+    "file", "disk", "user", "virtio", "e1000", "ide", "sata", "pty", "qemu", "kvm", "x86_64", "pc", "q35",
+    "none", "tcp", "udp", "yes", "hda", "vda", "sdb", "KiB", "b", "qcow2", "/a", "passt", "hvm", "custom",
+    "require", "isa-serial", "1", "0", "65535", "70000", "-1", "127.0.0.1", "::1", "",
+]  # fmt: skip
+_xml_text = st.sampled_from(_VALUES) | st.text(
+    st.characters(exclude_categories=("Cc", "Cs", "Cn")), max_size=6
+)
+_elements = st.recursive(
+    st.tuples(
+        st.sampled_from(_TAGS), st.dictionaries(st.sampled_from(_ATTRS), _xml_text, max_size=3), _xml_text
+    ),
+    lambda children: st.tuples(
+        st.sampled_from(_TAGS),
+        st.dictionaries(st.sampled_from(_ATTRS), _xml_text, max_size=3),
+        _xml_text,
+        st.lists(children, max_size=4),
+    ),
+    max_leaves=20,
+)
+
+
+def _render(element: tuple[Any, ...]) -> str:
+    tag, attrs, text, *rest = element
+    shown = "".join(f" {key}={quoteattr(value)}" for key, value in attrs.items())
+    inner = "".join(_render(child) for child in (rest[0] if rest else []))
+    return f"<{tag}{shown}>{escape(text)}{inner}</{tag}>"
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from(["qemu", "kvm", "xen"]), body=st.lists(_elements, max_size=6))
+def test_any_document_gives_a_config_or_a_one_line_config_error(
+    kind: str, body: list[tuple[Any, ...]]
+) -> None:
+    text = (
+        f"<domain type='{kind}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+        "<name>vm</name><memory>65536</memory>" + "".join(_render(e) for e in body) + "</domain>"
+    )
+    try:
+        result = from_libvirt_xml(text)
+    except ConfigError as exc:
+        problem = str(exc)
+    else:
+        problem = ""
+    if problem:
+        assert "\n" not in problem
+        return
+    assert len(result.elements) == len(list(SafeET.fromstring(text).iter()))
+    assert all("\n" not in w for w in result.warnings)
+    assert from_libvirt_xml(to_libvirt_xml(result.config)).config == result.config
