@@ -43,7 +43,10 @@ Two choices:
   A NIC with forwards is therefore written with ``<backend type='passt'/>``: a libvirt daemon
   forwards the same host ports to the same guest ports, through passt, whose guest gets the
   host's address instead of SLIRP's 10.0.2.15. aiovirt itself always runs SLIRP, and says so in
-  a warning when it reads such an interface back. A NIC without forwards stays SLIRP.
+  a warning when it reads such an interface back. A NIC without forwards stays SLIRP. Note that
+  libvirt 9.0.0 as packaged in Debian 12 refuses to parse ``<backend type='passt'/>`` ("Invalid
+  value for attribute 'type' in element 'backend': 'passt'", libvirt issue 462) although its
+  schema accepts it: there, a config with forwards can be validated but not defined.
 
 XML 1.0 cannot carry most control characters (U+0001-U+001F but tab and line breaks), which
 aiovirt allows in paths and arguments: such a config raises :class:`ConfigError` naming the field.
