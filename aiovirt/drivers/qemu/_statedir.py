@@ -190,7 +190,15 @@ class StateDir:
             raise StateDirError(str(d), "opened read-only; nothing is written")
 
     def _write(self, d: Path, name: str, data: bytes, *, durable: bool) -> None:
+        """Atomic replace of ``d/name``. A failure (a full disk) leaves the old record as it was and
+        raises :class:`StateDirError` naming the file and the cause."""
         self._check_writable(d)
+        try:
+            self._write_atomically(d, name, data, durable=durable)
+        except OSError as exc:
+            raise StateDirError(str(d / name), f"cannot write: {exc.strerror or exc}") from exc
+
+    def _write_atomically(self, d: Path, name: str, data: bytes, *, durable: bool) -> None:
         dirfd = self._fd(d)
         self._tmp_counter += 1
         tmp = f".{name}.{os.getpid()}.{self._tmp_counter}.tmp"
