@@ -6,6 +6,7 @@ first access, so that ``import aiovirt.rpc`` loads no anyio.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._codec import (
@@ -22,12 +23,28 @@ from ._codec import (
     RPCCodec,
     Sentinel,
 )
+from ._errors import (
+    LibvirtError,
+    RemoteDomainExistsError,
+    RemoteDomainNotFoundError,
+    RemoteInvalidStateError,
+    UnsupportedAuthError,
+    error_from_remote,
+)
 from ._protocol import DomainInfo, DomainRef, LifecycleEvent, RemoteError
 
 if TYPE_CHECKING:
-    from ._client import LibvirtError, RPCClient, connect_tls_stream, connect_unix
+    from ._client import RPCClient
+    from ._transport import connect_tls_stream, connect_unix, expect_tls_verdict, process_stream
 
-_CLIENT_NAMES = frozenset({"LibvirtError", "RPCClient", "connect_tls_stream", "connect_unix"})
+# PEP 562: the anyio parts are imported only when first asked for.
+_LAZY = {
+    "RPCClient": "_client",
+    "connect_tls_stream": "_transport",
+    "connect_unix": "_transport",
+    "expect_tls_verdict": "_transport",
+    "process_stream": "_transport",
+}
 
 __all__ = [
     "CLOSED",
@@ -45,18 +62,25 @@ __all__ = [
     "Message",
     "RPCClient",
     "RPCCodec",
+    "RemoteDomainExistsError",
+    "RemoteDomainNotFoundError",
     "RemoteError",
+    "RemoteInvalidStateError",
     "Reply",
     "Sentinel",
+    "UnsupportedAuthError",
     "connect_tls_stream",
     "connect_unix",
+    "error_from_remote",
+    "expect_tls_verdict",
+    "process_stream",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: the anyio client is imported only when first asked for.
-    if name in _CLIENT_NAMES:
-        from . import _client
-
-        return getattr(_client, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -12,7 +12,7 @@ A packet on the wire (virnetprotocol.x)::
     version  u32   1
     procedure i32
     type     i32   CALL 0, REPLY 1, MESSAGE 2 (events, keepalive), STREAM 3, ...
-    serial   u32   a call's number, echoed by its reply; 0 for MESSAGE
+    serial   u32   a call's number, echoed by its reply; meaningless for MESSAGE
     status   i32   OK 0, ERROR 1 (the payload is a remote_error), CONTINUE 2
     payload        XDR; at most 16 MiB for header and payload together
 
@@ -124,7 +124,7 @@ class ErrorReply:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """An asynchronous message (type MESSAGE, serial 0): an event such as
+    """An asynchronous message (type MESSAGE): an event such as
     DOMAIN_EVENT_CALLBACK_LIFECYCLE. ``body`` is its XDR payload (the procedure's ``_msg``)."""
 
     procedure: int
@@ -329,8 +329,10 @@ class RPCCodec:
             if mtype == MessageType.REPLY:
                 return self._reply(packet, program, procedure, serial, status)
             if mtype == MessageType.MESSAGE:
-                if serial != 0 or status != MessageStatus.OK:
-                    self._fail(f"a message must have serial 0 and status OK, got {serial}/{status}", packet)
+                # virnetprotocol.x says serial 0, but libvirtd sends its events with serial 1
+                # (recorded from libvirt 9.0): the serial of a message means nothing.
+                if status != MessageStatus.OK:
+                    self._fail(f"a message must have status OK, got {status}", packet)
                 return Message(procedure, packet[_MIN_PACKET:], program)
             self._fail(f"unsupported message type {mtype} (procedure {procedure})", packet)
         if program == Program.KEEPALIVE:
