@@ -21,6 +21,13 @@
 # layers such machines lack: no virtlogd (stdio_handler = "file"), no cgroups, no namespaces, no
 # security driver. Needs root (or sudo) and CAP_SYS_ADMIN for unshare(1).
 #
+# The daemon's keepalive (it pings clients that asked for keepalive, and drops those that stop
+# answering) follows LIBVIRTD_KEEPALIVE_INTERVAL and LIBVIRTD_KEEPALIVE_COUNT (libvirt's defaults, 5
+# and 5, if unset): tests make it short to see that pings are answered.
+#
+# LIBVIRTD_IDLE_TIMEOUT=N makes the daemon exit by itself N seconds after its last client left (while
+# it runs no guest): a safety net for test runs that are killed before they can stop it.
+#
 # Keep DIR short: a unix socket path is at most 107 bytes, and DIR/sock/libvirt-sock-ro must fit.
 set -euo pipefail
 
@@ -71,6 +78,8 @@ auth_unix_rw = "none"
 listen_tls = 0
 listen_tcp = 0
 log_outputs = "3:stderr"
+keepalive_interval = ${LIBVIRTD_KEEPALIVE_INTERVAL:-5}
+keepalive_count = ${LIBVIRTD_KEEPALIVE_COUNT:-5}
 CONF
   cat >"$dir/etc/qemu.conf" <<'CONF'
 # Written by scripts/libvirtd.sh: run guests as root with no sandbox layers (no virtlogd, no cgroups).
@@ -102,7 +111,16 @@ start() {
   sock="$dir/sock/libvirt-sock"
   [ "${#sock}" -le 104 ] || die "DIR too long for a unix socket path: $sock (${#sock} bytes; keep it under 104)"
   if pid="$(daemon_pid "$dir")"; then die "a daemon (pid $pid) already runs in $dir"; fi
-  if [ -n "$SUDO" ]; then exec $SUDO -- "$0" start "$dir"; fi
+  if [ -n "$SUDO" ]; then
+    exec $SUDO -- env LIBVIRTD_KEEPALIVE_INTERVAL="${LIBVIRTD_KEEPALIVE_INTERVAL:-5}" \
+      LIBVIRTD_KEEPALIVE_COUNT="${LIBVIRTD_KEEPALIVE_COUNT:-5}" \
+      LIBVIRTD_IDLE_TIMEOUT="${LIBVIRTD_IDLE_TIMEOUT:-}" "$0" start "$dir"
+  fi
+  case "${LIBVIRTD_KEEPALIVE_INTERVAL:-5}${LIBVIRTD_KEEPALIVE_COUNT:-5}${LIBVIRTD_IDLE_TIMEOUT:-}" in
+    *[!0-9-]*) die "LIBVIRTD_KEEPALIVE_INTERVAL, LIBVIRTD_KEEPALIVE_COUNT and LIBVIRTD_IDLE_TIMEOUT must be integers" ;;
+  esac
+  local idle=()
+  if [ -n "${LIBVIRTD_IDLE_TIMEOUT:-}" ]; then idle=(-t "$LIBVIRTD_IDLE_TIMEOUT"); fi
   install_packages
   write_config "$dir"
   rm -f "$dir/libvirtd.pid" "$dir/sock/"libvirt*sock*
@@ -116,8 +134,9 @@ start() {
     mount --bind "$1/lib" /var/lib/libvirt
     mount --bind "$1/log" /var/log/libvirt
     mount --bind "$1/cache" /var/cache/libvirt
-    exec /usr/sbin/libvirtd -f /etc/libvirt/libvirtd.conf -p "$1/libvirtd.pid"
-  ' sh "$dir" </dev/null >>"$dir/libvirtd.log" 2>&1 &
+    dir="$1"; shift
+    exec /usr/sbin/libvirtd -f /etc/libvirt/libvirtd.conf -p "$dir/libvirtd.pid" "$@"
+  ' sh "$dir" "${idle[@]}" </dev/null >>"$dir/libvirtd.log" 2>&1 &
   local child=$!
   # Ready once it answers a real call (the socket exists before the drivers are initialised).
   for _ in $(seq 150); do

@@ -48,18 +48,32 @@ class Libvirtd:
         return (self.directory / "libvirtd.log").read_text(errors="replace")
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(SCRIPT), *args], capture_output=True, text=True, timeout=_START_TIMEOUT, check=False
+        [str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=_START_TIMEOUT,
+        check=False,
+        env={**os.environ, **(env or {})},
     )
 
 
 @contextmanager
-def running_libvirtd() -> Iterator[Libvirtd]:
+def running_libvirtd(keepalive: tuple[int, int] | None = None) -> Iterator[Libvirtd]:
+    """Start a daemon; ``keepalive`` is its (keepalive_interval, keepalive_count), libvirt's
+    (5, 5) if None."""
+    # Should this process die before it can stop the daemon, the daemon goes by itself once idle.
+    env = {"LIBVIRTD_IDLE_TIMEOUT": "120"}
+    if keepalive is not None:
+        env = {
+            "LIBVIRTD_KEEPALIVE_INTERVAL": str(keepalive[0]),
+            "LIBVIRTD_KEEPALIVE_COUNT": str(keepalive[1]),
+        }
     # /tmp, not pytest's tmp_path: the socket's path must stay under 108 bytes.
     directory = Path(tempfile.mkdtemp(prefix="lvd", dir="/tmp"))
     try:
-        started = _run("start", str(directory))
+        started = _run("start", str(directory), env=env)
         if started.returncode != 0:
             raise RuntimeError(
                 f"scripts/libvirtd.sh start failed (exit {started.returncode}):\n"

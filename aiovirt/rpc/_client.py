@@ -44,6 +44,13 @@ _IO_ERRORS: Final = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSErr
 _CLOSE_TIMEOUT: Final = 2.0
 
 
+def _describe(exc: BaseException) -> str:
+    """The root of an I/O error (anyio's BrokenResourceError wraps the OSError that says what)."""
+    while exc.__cause__ is not None and not str(exc):
+        exc = exc.__cause__
+    return f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+
+
 class _Call:
     """One pending call: woken by the reader with its reply, or with none when the connection ends."""
 
@@ -267,7 +274,9 @@ class RPCClient:
                 feed(data)
                 eof = self._dispatch_buffered()
             reason = (
-                "the libvirt daemon closed the connection" if cause is None else "libvirt connection broken"
+                "the libvirt daemon closed the connection"
+                if cause is None
+                else f"libvirt connection broken: {_describe(cause)}"
             )
         except ProtocolError as exc:
             cause, reason = exc, f"libvirt connection closed: {exc}"
