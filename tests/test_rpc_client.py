@@ -610,6 +610,24 @@ async def test_a_silent_daemon_is_given_up_by_keepalive() -> None:
     assert pings == 3
 
 
+async def test_a_daemon_that_stops_reading_is_given_up_even_mid_write() -> None:
+    done = anyio.Event()
+
+    async def script(fake: FakeDaemon) -> None:
+        await fake.handshake()
+        await done.wait()  # reads nothing more: the client's big call fills the socket and blocks
+
+    async def body(client: RPCClient) -> None:
+        huge = "x" * (P.STRING_MAX - 64)
+        with anyio.fail_after(20), pytest.raises(ConnectionLostError) as info:
+            await client.define_xml(huge)
+        done.set()
+        assert client.closed
+        assert "did not answer 2 keepalive" in str(info.value)
+
+    await with_fake(script, body, keepalive_interval=0.1, keepalive_count=2)
+
+
 async def test_no_pings_to_a_daemon_without_keepalive() -> None:
     seen: list[int] = []
 

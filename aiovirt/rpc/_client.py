@@ -163,8 +163,8 @@ class RPCClient:
         )
         body_error: BaseException | None = None
         async with anyio.create_task_group() as tg:
-            await tg.start(client._run_background)
             try:
+                await tg.start(client._run_background)
                 await client._handshake(name, flags, handshake_timeout)
                 yield client
             except anyio.get_cancelled_exc_class():
@@ -356,7 +356,10 @@ class RPCClient:
                     None,
                 )
                 return
-            await self._send_keepalive(False)
+            # From its own task: a call stuck writing to a daemon that stopped reading holds the
+            # send lock, and the count must go on regardless.
+            if self._helpers is not None:
+                self._helpers.start_soon(self._send_keepalive, False)
             pings += 1
 
     def _finish(self, reason: str, cause: BaseException | None) -> None:
@@ -409,6 +412,9 @@ class RPCClient:
             except BaseException as exc:
                 self._pending.pop(serial, None)
                 if isinstance(exc, _IO_ERRORS):
+                    if self._closed:  # closed under us (e.g. keepalive gave the daemon up): say why
+                        lost = self._lost(procedure, program)
+                        raise lost from lost.__cause__
                     # The reader will see the end and fail the pending calls once it has
                     # dispatched everything the daemon sent before it. Nothing is sent meanwhile.
                     self._send_broken = exc
