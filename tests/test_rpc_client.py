@@ -377,10 +377,15 @@ class FakeDaemon:
 Script = Callable[[FakeDaemon], Awaitable[None]]
 
 
-async def with_fake(script: Script, body: Callable[[RPCClient], Awaitable[None]], **open_kw: Any) -> None:
-    """Run ``script`` as the daemon and ``body`` with a client opened on it."""
+async def with_fake(
+    script: Script, body: Callable[[RPCClient], Awaitable[None]], *, raw_socket: bool = False, **open_kw: Any
+) -> None:
+    """Run ``script`` as the daemon and ``body`` with a client opened on it (over an anyio stream,
+    or with ``raw_socket`` over the socket itself)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    client_stream = await UNIXSocketStream.from_socket(ours)
+    client_stream: UNIXSocketStream | socket.socket = (
+        ours if raw_socket else await UNIXSocketStream.from_socket(ours)
+    )
     daemon_stream = await UNIXSocketStream.from_socket(theirs)
 
     async def run_daemon() -> None:
@@ -452,7 +457,8 @@ def bad_reply(kind: str) -> Callable[[Any], bytes]:
         ("half a packet, then EOF", "closed in the middle of a packet"),
     ],
 )
-async def test_bad_packets_fail_every_pending_call(kind: str, problem: str) -> None:
+@pytest.mark.parametrize("raw_socket", [False, True], ids=["stream", "socket"])
+async def test_bad_packets_fail_every_pending_call(kind: str, problem: str, raw_socket: bool) -> None:
     make = bad_reply(kind)
 
     async def script(fake: FakeDaemon) -> None:
@@ -494,7 +500,7 @@ async def test_bad_packets_fail_every_pending_call(kind: str, problem: str) -> N
         with pytest.raises(ConnectionLostError):
             await client.get_hostname()
 
-    await with_fake(script, body)
+    await with_fake(script, body, raw_socket=raw_socket)
 
 
 async def test_daemon_hangs_up_mid_call() -> None:
@@ -610,7 +616,8 @@ async def test_a_silent_daemon_is_given_up_by_keepalive() -> None:
     assert pings == 3
 
 
-async def test_a_daemon_that_stops_reading_is_given_up_even_mid_write() -> None:
+@pytest.mark.parametrize("raw_socket", [False, True], ids=["stream", "socket"])
+async def test_a_daemon_that_stops_reading_is_given_up_even_mid_write(raw_socket: bool) -> None:
     done = anyio.Event()
 
     async def script(fake: FakeDaemon) -> None:
@@ -625,7 +632,7 @@ async def test_a_daemon_that_stops_reading_is_given_up_even_mid_write() -> None:
         assert client.closed
         assert "did not answer 2 keepalive" in str(info.value)
 
-    await with_fake(script, body, keepalive_interval=0.1, keepalive_count=2)
+    await with_fake(script, body, raw_socket=raw_socket, keepalive_interval=0.1, keepalive_count=2)
 
 
 async def test_no_pings_to_a_daemon_without_keepalive() -> None:

@@ -35,13 +35,22 @@ from ._protocol import DomainInfo, DomainRef, LifecycleEvent, RemoteError
 
 if TYPE_CHECKING:
     from ._client import RPCClient
-    from ._transport import connect_tls_stream, connect_unix, expect_tls_verdict, process_stream
+    from ._transport import (
+        SocketChannel,
+        connect_tls_stream,
+        connect_unix,
+        connect_unix_socket,
+        expect_tls_verdict,
+        process_stream,
+    )
 
 # PEP 562: the anyio parts are imported only when first asked for.
 _LAZY = {
     "RPCClient": "_client",
+    "SocketChannel": "_transport",
     "connect_tls_stream": "_transport",
     "connect_unix": "_transport",
+    "connect_unix_socket": "_transport",
     "expect_tls_verdict": "_transport",
     "process_stream": "_transport",
 }
@@ -68,9 +77,11 @@ __all__ = [
     "RemoteInvalidStateError",
     "Reply",
     "Sentinel",
+    "SocketChannel",
     "UnsupportedAuthError",
     "connect_tls_stream",
     "connect_unix",
+    "connect_unix_socket",
     "error_from_remote",
     "expect_tls_verdict",
     "process_stream",
