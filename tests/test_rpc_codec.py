@@ -13,7 +13,17 @@ from typing import Any
 
 import pytest
 
-from aiovirt import DomainExistsError, DomainNotFoundError, InvalidStateError, ProtocolError
+from aiovirt import (
+    DomainEvent,
+    DomainExistsError,
+    DomainNotFoundError,
+    DomainState,
+    EventDetail,
+    EventKind,
+    InvalidStateError,
+    ProtocolError,
+    StateReason,
+)
 from aiovirt.rpc import _protocol as P
 from aiovirt.rpc._codec import (
     CLOSED,
@@ -37,6 +47,7 @@ from aiovirt.rpc._errors import (
     RemoteInvalidStateError,
     error_from_remote,
 )
+from aiovirt.rpc._mapping import domain_event, domain_state, state_reason
 from aiovirt.rpc._xdr import Packer, Unpacker, XDRDecodeError, XDREncodeError
 
 DATA = Path(__file__).parent / "data" / "rpc"
@@ -52,7 +63,7 @@ def h(text: str) -> bytes:
 def test_sans_io_modules_load_no_anyio() -> None:
     code = (
         "import sys, aiovirt.rpc, aiovirt.rpc._codec, aiovirt.rpc._xdr\n"
-        "import aiovirt.rpc._protocol, aiovirt.rpc._errors\n"
+        "import aiovirt.rpc._protocol, aiovirt.rpc._errors, aiovirt.rpc._mapping\n"
         "bad = [m for m in ('anyio', 'trio', 'sniffio') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -449,6 +460,74 @@ def test_invalid_state_error_names_the_operation() -> None:
     assert isinstance(exc, InvalidStateError)
     assert (exc.operation, exc.state, exc.reason) == ("DOMAIN_SUSPEND", None, None)
     assert str(exc) == "domain 'web-1': libvirt: message 55 (OPERATION_INVALID, in DOMAIN_SUSPEND)"
+
+
+# -- libvirt's numbers as aiovirt's enums ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "expected_state", "expected_reason"),
+    [
+        (1, 1, DomainState.RUNNING, StateReason.BOOTED),
+        (1, 5, DomainState.RUNNING, StateReason.UNPAUSED),
+        (1, 2, DomainState.RUNNING, StateReason.UNKNOWN),  # MIGRATED: aiovirt has no such reason
+        (1, 0, DomainState.RUNNING, StateReason.UNKNOWN),
+        (3, 1, DomainState.PAUSED, StateReason.USER),
+        (3, 5, DomainState.PAUSED, StateReason.IOERROR),
+        (3, 8, DomainState.PAUSED, StateReason.SHUTTING_DOWN),
+        (3, 11, DomainState.PAUSED, StateReason.STARTING_UP),
+        (4, 1, DomainState.SHUTDOWN, StateReason.USER),
+        (5, 1, DomainState.SHUTOFF, StateReason.SHUTDOWN),
+        (5, 2, DomainState.SHUTOFF, StateReason.DESTROYED),
+        (5, 3, DomainState.SHUTOFF, StateReason.CRASHED),
+        (5, 5, DomainState.SHUTOFF, StateReason.UNKNOWN),  # SAVED
+        (5, 6, DomainState.SHUTOFF, StateReason.FAILED),
+        (5, 8, DomainState.SHUTOFF, StateReason.DAEMON),
+        (6, 1, DomainState.CRASHED, StateReason.UNKNOWN),  # PANICKED
+        (7, 0, DomainState.PMSUSPENDED, StateReason.UNKNOWN),
+        (0, 0, DomainState.NOSTATE, StateReason.UNKNOWN),
+        (99, 1, DomainState.NOSTATE, StateReason.UNKNOWN),
+    ],
+)
+def test_states_and_reasons(
+    state: int, reason: int, expected_state: DomainState, expected_reason: StateReason
+) -> None:
+    assert domain_state(state) is expected_state
+    assert state_reason(state, reason) is expected_reason
+
+
+@pytest.mark.parametrize(
+    ("event", "detail", "expected"),
+    [
+        (0, 0, (EventKind.DEFINED, EventDetail.ADDED)),
+        (0, 1, (EventKind.DEFINED, EventDetail.UPDATED)),
+        (0, 2, None),  # RENAMED
+        (1, 0, (EventKind.UNDEFINED, EventDetail.REMOVED)),
+        (2, 0, (EventKind.STARTED, EventDetail.BOOTED)),
+        (2, 2, None),  # RESTORED
+        (3, 0, (EventKind.SUSPENDED, EventDetail.PAUSED)),
+        (3, 2, (EventKind.SUSPENDED, EventDetail.IOERROR)),
+        (4, 0, (EventKind.RESUMED, EventDetail.UNPAUSED)),
+        (5, 0, (EventKind.STOPPED, EventDetail.SHUTDOWN)),
+        (5, 1, (EventKind.STOPPED, EventDetail.DESTROYED)),
+        (5, 2, (EventKind.STOPPED, EventDetail.CRASHED)),
+        (5, 4, None),  # SAVED
+        (5, 5, (EventKind.STOPPED, EventDetail.FAILED)),
+        (6, 0, (EventKind.SHUTDOWN, EventDetail.FINISHED)),
+        (6, 1, (EventKind.SHUTDOWN, EventDetail.GUEST)),
+        (6, 2, (EventKind.SHUTDOWN, EventDetail.HOST)),
+        (7, 0, None),  # PMSUSPENDED
+        (8, 0, None),  # CRASHED
+    ],
+)
+def test_lifecycle_events_as_domain_events(
+    event: int, detail: int, expected: tuple[EventKind, EventDetail] | None
+) -> None:
+    got = domain_event(P.LifecycleEvent(3, TEST_DOM, event, detail), 12.5)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == DomainEvent(expected[0], expected[1], "test", TEST_UUID, 12.5)
 
 
 # -- a session recorded from libvirt's own client ------------------------------------------------

@@ -31,6 +31,7 @@ from ._errors import (
     UnsupportedAuthError,
     error_from_remote,
 )
+from ._mapping import domain_event, domain_state, state_reason
 from ._protocol import DomainInfo, DomainRef, LifecycleEvent, RemoteError
 
 if TYPE_CHECKING:
@@ -82,9 +83,12 @@ __all__ = [
     "connect_tls_stream",
     "connect_unix",
     "connect_unix_socket",
+    "domain_event",
+    "domain_state",
     "error_from_remote",
     "expect_tls_verdict",
     "process_stream",
+    "state_reason",
 ]
 
 
