@@ -25,6 +25,10 @@
 # answering) follows LIBVIRTD_KEEPALIVE_INTERVAL and LIBVIRTD_KEEPALIVE_COUNT (libvirt's defaults, 5
 # and 5, if unset): tests make it short to see that pings are answered.
 #
+# LIBVIRTD_TLS_PORT=N also makes it listen for TLS (qemu+tls://) on 127.0.0.1:N, with the CA,
+# certificate and key the caller put in DIR/pki (cacert.pem, servercert.pem, serverkey.pem; libvirt
+# checks their key usages at startup); clients need a certificate signed by that CA (auth_tls = "none").
+#
 # LIBVIRTD_IDLE_TIMEOUT=N makes the daemon exit by itself N seconds after its last client left (while
 # it runs no guest): a safety net for test runs that are killed before they can stop it.
 #
@@ -75,7 +79,6 @@ unix_sock_rw_perms = "0777"
 unix_sock_admin_perms = "0700"
 auth_unix_ro = "none"
 auth_unix_rw = "none"
-listen_tls = 0
 listen_tcp = 0
 log_outputs = "3:stderr"
 keepalive_interval = ${LIBVIRTD_KEEPALIVE_INTERVAL:-5}
@@ -92,6 +95,19 @@ cgroup_controllers = [ ]
 namespaces = [ ]
 stdio_handler = "file"
 CONF
+  if [ -n "${LIBVIRTD_TLS_PORT:-}" ]; then
+    cat >>"$dir/etc/libvirtd.conf" <<CONF
+listen_tls = 1
+listen_addr = "127.0.0.1"
+tls_port = "$LIBVIRTD_TLS_PORT"
+auth_tls = "none"
+ca_file = "$dir/pki/cacert.pem"
+cert_file = "$dir/pki/servercert.pem"
+key_file = "$dir/pki/serverkey.pem"
+CONF
+  else
+    echo "listen_tls = 0" >>"$dir/etc/libvirtd.conf"
+  fi
   printf 'uri_default = "qemu:///system"\n' >"$dir/etc/libvirt.conf"
 }
 
@@ -114,13 +130,21 @@ start() {
   if [ -n "$SUDO" ]; then
     exec $SUDO -- env LIBVIRTD_KEEPALIVE_INTERVAL="${LIBVIRTD_KEEPALIVE_INTERVAL:-5}" \
       LIBVIRTD_KEEPALIVE_COUNT="${LIBVIRTD_KEEPALIVE_COUNT:-5}" \
-      LIBVIRTD_IDLE_TIMEOUT="${LIBVIRTD_IDLE_TIMEOUT:-}" "$0" start "$dir"
+      LIBVIRTD_IDLE_TIMEOUT="${LIBVIRTD_IDLE_TIMEOUT:-}" LIBVIRTD_TLS_PORT="${LIBVIRTD_TLS_PORT:-}" \
+      "$0" start "$dir"
   fi
-  case "${LIBVIRTD_KEEPALIVE_INTERVAL:-5}${LIBVIRTD_KEEPALIVE_COUNT:-5}${LIBVIRTD_IDLE_TIMEOUT:-}" in
-    *[!0-9-]*) die "LIBVIRTD_KEEPALIVE_INTERVAL, LIBVIRTD_KEEPALIVE_COUNT and LIBVIRTD_IDLE_TIMEOUT must be integers" ;;
+  case "${LIBVIRTD_KEEPALIVE_INTERVAL:-5}${LIBVIRTD_KEEPALIVE_COUNT:-5}${LIBVIRTD_IDLE_TIMEOUT:-}${LIBVIRTD_TLS_PORT:-}" in
+    *[!0-9-]*) die "LIBVIRTD_KEEPALIVE_*, LIBVIRTD_IDLE_TIMEOUT and LIBVIRTD_TLS_PORT must be integers" ;;
   esac
-  local idle=()
-  if [ -n "${LIBVIRTD_IDLE_TIMEOUT:-}" ]; then idle=(-t "$LIBVIRTD_IDLE_TIMEOUT"); fi
+  local extra=()
+  if [ -n "${LIBVIRTD_IDLE_TIMEOUT:-}" ]; then extra+=(-t "$LIBVIRTD_IDLE_TIMEOUT"); fi
+  if [ -n "${LIBVIRTD_TLS_PORT:-}" ]; then
+    local f
+    for f in cacert.pem servercert.pem serverkey.pem; do
+      [ -f "$dir/pki/$f" ] || die "LIBVIRTD_TLS_PORT needs $dir/pki/$f"
+    done
+    extra+=(--listen)
+  fi
   install_packages
   write_config "$dir"
   rm -f "$dir/libvirtd.pid" "$dir/sock/"libvirt*sock*
@@ -136,7 +160,7 @@ start() {
     mount --bind "$1/cache" /var/cache/libvirt
     dir="$1"; shift
     exec /usr/sbin/libvirtd -f /etc/libvirt/libvirtd.conf -p "$dir/libvirtd.pid" "$@"
-  ' sh "$dir" "${idle[@]}" </dev/null >>"$dir/libvirtd.log" 2>&1 &
+  ' sh "$dir" "${extra[@]}" </dev/null >>"$dir/libvirtd.log" 2>&1 &
   local child=$!
   # Ready once it answers a real call (the socket exists before the drivers are initialised).
   for _ in $(seq 150); do

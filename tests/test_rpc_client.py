@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import uuid
@@ -32,6 +33,7 @@ from aiovirt.rpc import (
     LifecycleEvent,
     RPCClient,
     UnsupportedAuthError,
+    connect_tls_stream,
     expect_tls_verdict,
     process_stream,
 )
@@ -320,6 +322,36 @@ async def test_over_a_process_stdin_and_stdout(daemon: Libvirtd) -> None:
             assert (await c.lookup_by_name("test")).id == 1
         with anyio.fail_after(10):
             await proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_over_tls_with_libvirts_verdict_byte() -> None:
+    port = free_port()
+    with running_libvirtd(tls_port=port) as d:
+        assert d.pki is not None
+        ctx = ssl.create_default_context(cafile=str(d.pki.ca))
+        ctx.load_cert_chain(*d.pki.client(trusted=True))
+        with anyio.fail_after(20):
+            stream = await connect_tls_stream("127.0.0.1", port, ctx, server_hostname="localhost")
+        async with RPCClient.open(stream, NAME) as c:
+            assert await c.get_uri() == NAME
+            assert (await c.lookup_by_name("test")).id == 1
+        # A certificate from another CA: the handshake completes, then the daemon refuses it
+        # instead of sending its \x01.
+        rogue = ssl.create_default_context(cafile=str(d.pki.ca))
+        rogue.load_cert_chain(*d.pki.client(trusted=False))
+        with (
+            anyio.fail_after(20),
+            pytest.raises(ConnectionLostError, match="refused this client's certificate"),
+        ):
+            await connect_tls_stream("127.0.0.1", port, rogue, server_hostname="localhost")
+        assert "Failed to verify peer's certificate" in d.log()
 
 
 async def test_unix_socket_that_nobody_serves(tmp_path: Any) -> None:
