@@ -3,6 +3,7 @@ socketpair for the bad input a real daemon cannot be made to send. Both anyio ba
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -352,6 +353,88 @@ async def test_over_tls_with_libvirts_verdict_byte() -> None:
         ):
             await connect_tls_stream("127.0.0.1", port, rogue, server_hostname="localhost")
         assert "Failed to verify peer's certificate" in d.log()
+
+
+QEMU_XML = (
+    "<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>"
+    "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
+    "<devices><memballoon model='none'/></devices></domain>"
+)
+
+
+def qemu_pid(name: str) -> int:
+    """The pid of the QEMU that libvirt runs for domain ``name`` (its -name guest=NAME argument)."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"qemu-system-x86_64") and f"guest={name},debug-threads=on".encode() in argv:
+            return int(entry)
+    raise LookupError(name)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rindex(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+async def test_a_real_qemu_guest_through_the_daemon(daemon: Libvirtd) -> None:
+    # The private daemon runs QEMU guests as root (no systemd, cgroups or virtlogd).
+    async with RPCClient.open_unix(daemon.socket, "qemu:///system") as c, c.subscribe_lifecycle() as events:
+        dom = await c.create_xml(QEMU_XML.format(name="rpc-guest"))
+        pid = qemu_pid("rpc-guest")
+        assert (await c.get_state(dom))[0] is P.DomainState.RUNNING
+        assert '"status":"running"' in (await c.qemu_monitor_command(dom, '{"execute":"query-status"}'))
+        await c.destroy(dom)
+        seen: list[tuple[int, int]] = []
+        while not seen or seen[-1][0] != E.STOPPED:
+            event = await next_event(events)
+            seen.append((event.event, event.detail))
+        # libvirt's QEMU driver starts QEMU paused and resumes it (a RESUMED with the STARTED), and
+        # reports QEMU's SHUTDOWN on SIGTERM as SHUTDOWN/HOST before STOPPED/DESTROYED.
+        assert (
+            {(E.STARTED, 0), (E.STOPPED, 1)}
+            <= set(seen)
+            <= {
+                (E.RESUMED, 0),
+                (E.STARTED, 0),
+                (E.SHUTDOWN, 2),
+                (E.STOPPED, 1),
+            }
+        )
+        assert seen[-1] == (E.STOPPED, 1)
+        assert not pid_alive(pid)
+
+
+@pytest.mark.slow
+async def test_graceful_destroy_of_a_guest_that_ignores_sigterm(daemon: Libvirtd) -> None:
+    # VIR_DOMAIN_DESTROY_GRACEFUL: SIGTERM only, libvirt waits 15 s and fails with SYSTEM_ERROR
+    # (EBUSY), the guest untouched. libvirt before 11.3 falls through to SIGKILL instead: the call
+    # succeeds late and the guest is gone. This test records which one the installed daemon does.
+    async with RPCClient.open_unix(daemon.socket, "qemu:///system") as c:
+        dom = await c.create_xml(QEMU_XML.format(name="rpc-stuck"))
+        pid = qemu_pid("rpc-stuck")
+        os.kill(pid, signal.SIGSTOP)  # SIGTERM stays pending; SIGKILL still kills
+        try:
+            if await c.get_lib_version() < 11_003_000:
+                with anyio.fail_after(120):
+                    await c.destroy(dom, P.DOMAIN_DESTROY_GRACEFUL)
+                assert not pid_alive(pid)  # killed, although graceful asked for no SIGKILL
+            else:
+                with anyio.fail_after(120), pytest.raises(LibvirtError) as busy:
+                    await c.destroy(dom, P.DOMAIN_DESTROY_GRACEFUL)
+                assert busy.value.code == P.ErrorCode.SYSTEM_ERROR and busy.value.errno == errno.EBUSY
+                assert pid_alive(pid)
+        finally:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGCONT)
+                await c.destroy(dom)
 
 
 async def test_unix_socket_that_nobody_serves(tmp_path: Any) -> None:

@@ -455,6 +455,15 @@ def test_error_mapping(code: int, procedure: int, program: int, expected: type, 
         assert getattr(exc, "name", None) == "web-1" and "'web-1'" in str(exc)
 
 
+def test_system_errors_carry_errno() -> None:
+    busy = P.RemoteError(
+        38, 10, "Failed to terminate process 42 with SIGTERM: Device or resource busy", 2, int1=16
+    )
+    exc = error_from_remote(busy, P.Procedure.DOMAIN_DESTROY_FLAGS)
+    assert type(exc) is LibvirtError and exc.errno == 16  # EBUSY
+    assert error_from_remote(P.RemoteError(55, 10, "x", 2, int1=16), P.Procedure.DOMAIN_SUSPEND).errno is None
+
+
 def test_invalid_state_error_names_the_operation() -> None:
     exc = error_from_remote(_remote(55), P.Procedure.DOMAIN_SUSPEND, name="web-1")
     assert isinstance(exc, InvalidStateError)

@@ -64,6 +64,12 @@ class LibvirtError(AiovirtError):
     def __init__(self, remote: RemoteError, procedure: int, program: int = Program.REMOTE) -> None:
         self._init(remote, procedure, program)
 
+    @property
+    def errno(self) -> int | None:
+        """For VIR_ERR_SYSTEM_ERROR, the errno that libvirt reported (in remote_error's ``int1``,
+        as virReportSystemError puts it): e.g. EBUSY when a graceful destroy timed out."""
+        return self.remote.int1 if self.code == ErrorCode.SYSTEM_ERROR else None
+
     def _init(self, remote: RemoteError, procedure: int, program: int, prefix: str = "") -> None:
         self.remote = remote
         self.code = remote.code
