@@ -7,8 +7,9 @@ answered in whatever order the daemon finishes them. There are no timeouts insid
 in ``anyio.fail_after``); only the handshake and the keepalive (a daemon that stops answering) are
 bounded.
 
-The client speaks over any connected ``anyio.abc.ByteStream`` (see ``_transport`` for unix, TLS
-and ssh): the transport is the caller's choice, the protocol is the same.
+The client speaks over any connected ``anyio.abc.ByteStream`` or a plain connected ``socket.socket``
+(see ``_transport`` for unix, TLS and ssh): the transport is the caller's choice, the protocol is
+the same.
 """
 
 from __future__ import annotations
