@@ -33,7 +33,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final, Literal, NoReturn, TypeAlias
 
-from .._errors import ProtocolError
+from .._errors import LocalProtocolError, ProtocolError
 from ._protocol import (
     HEADER_SIZE,
     LEN_SIZE,
@@ -72,10 +72,6 @@ _LENGTH: Final = struct.Struct(">I")
 _MIN_PACKET: Final = LEN_SIZE + HEADER_SIZE
 _SERIAL_MAX: Final = (1 << 32) - 1
 _RPC_PROGRAMS: Final = frozenset({Program.REMOTE, Program.QEMU})
-
-
-class LocalProtocolError(RuntimeError):
-    """We (the caller of the codec) broke the protocol: a bug in the caller, never the peer's fault."""
 
 
 class Sentinel(enum.Enum):
