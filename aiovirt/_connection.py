@@ -147,6 +147,10 @@ def _open_driver(parsed: ParsedURI, readonly: bool) -> contextlib.AbstractAsyncC
         from .drivers.test import TestDriver
 
         return TestDriver.open(parsed, readonly=readonly)
+    if parsed.scheme == "remote":
+        from .drivers.remote import RemoteDriver
+
+        return RemoteDriver.open(parsed, readonly=readonly)
     from .drivers.qemu import QemuDriver
 
     return QemuDriver.open(parsed, readonly=readonly)

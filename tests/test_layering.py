@@ -83,6 +83,10 @@ _ABOVE_DRIVERS = {"_domain", "_connection", "_fleet", "cli", "pytest_plugin"}
         ("drivers/qemu/_machine.py", _ABOVE_DRIVERS),
         ("drivers/qemu/_driver.py", _ABOVE_DRIVERS),
         ("drivers/test.py", {"drivers.qemu", *_ABOVE_DRIVERS}),
+        *(
+            (f"drivers/remote/{m}.py", {"drivers.qemu", "drivers.test", *_ABOVE_DRIVERS})
+            for m in ("__init__", "_driver", "_machine", "_happenings", "_streams")
+        ),
         ("_domain.py", {"_connection", "_fleet", "drivers.qemu", "drivers.test", "qmp._client"}),
         ("_fleet.py", {"_connection", "drivers", "qmp"}),
         ("_connection.py", {"drivers.qemu._machine", "drivers.qemu._process", "qmp"}),
