@@ -87,6 +87,7 @@ _ABOVE_DRIVERS = {"_domain", "_connection", "_fleet", "cli", "pytest_plugin"}
             (f"drivers/remote/{m}.py", {"drivers.qemu", "drivers.test", *_ABOVE_DRIVERS})
             for m in ("__init__", "_driver", "_machine", "_happenings", "_streams")
         ),
+        ("_hosts.py", {"drivers", "qmp", "rpc", "cli", "pytest_plugin"}),
         ("_domain.py", {"_connection", "_fleet", "drivers.qemu", "drivers.test", "qmp._client"}),
         ("_fleet.py", {"_connection", "drivers", "qmp"}),
         ("_connection.py", {"drivers.qemu._machine", "drivers.qemu._process", "qmp"}),
