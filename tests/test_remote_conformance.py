@@ -10,6 +10,7 @@ Each new connection to it sees a fresh host, as with ``virsh``.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,7 +25,7 @@ from aiovirt import EventKind as K
 from aiovirt import StateReason as R
 from aiovirt import StopPolicy, StopStage
 from aiovirt.drivers.remote import RemoteDriver
-from aiovirt.rpc import LifecycleEvent
+from aiovirt.rpc import LifecycleEvent, RPCClient
 
 from ._libvirtd import Libvirtd, running_libvirtd
 from .conftest import none_config
@@ -43,6 +44,19 @@ def daemon() -> Iterator[Libvirtd]:
 async def conn(daemon: Libvirtd) -> AsyncIterator[aiovirt.Connection]:
     async with aiovirt.connect(daemon.uri("test:///default")) as c:
         yield c
+    # The test host lives as long as any connection to it, and the daemon may take a moment to
+    # let the last one go: leave it as a fresh one is, for the next test.
+    async with RPCClient.open_unix(daemon.socket, "test:///default") as client:
+        for ref in await client.list_all_domains():
+            if ref.name == "test":
+                if ref.id == -1:
+                    await client.create(ref)
+                await client.set_autostart(ref, False)
+                continue
+            if ref.id != -1:
+                await client.destroy(ref)
+            with contextlib.suppress(aiovirt.DomainNotFoundError):
+                await client.undefine(ref)
 
 
 def driver(conn: aiovirt.Connection) -> RemoteDriver:
@@ -201,10 +215,22 @@ async def test_definitions_live_on_the_daemon(conn: aiovirt.Connection) -> None:
     assert dom.config.memory_mib == 48
 
 
-async def test_a_new_connection_sees_a_fresh_test_host(daemon: Libvirtd, conn: aiovirt.Connection) -> None:
-    await conn.define(none_config("mine"))
+async def test_two_clients_of_one_test_host(daemon: Libvirtd, conn: aiovirt.Connection) -> None:
+    # libvirt's test:///default is one host while any connection to it is open (a fresh one once
+    # all have closed): another client's changes after connect() are not in this connection's
+    # table (the driver seam has no way to add a domain to it), but its domains' runs are watched.
+    mine = await conn.create(none_config("mine"))
     async with aiovirt.connect(daemon.uri("test:///default")) as other:
-        assert [d.name for d in await other.list_domains()] == ["test"]
+        assert [d.name for d in await other.list_domains()] == ["mine", "test"]
+        await other.define(none_config("theirs"))
+        await (await other.lookup("mine")).destroy()
+    with anyio.fail_after(HANG):
+        await mine.wait_for_state(S.SHUTOFF)
+    assert mine.reason == R.SHUTDOWN  # ended by another client: the host ended it, not a crash
+    with pytest.raises(aiovirt.DomainNotFoundError):
+        await conn.lookup("theirs")
+    async with aiovirt.connect(daemon.uri("test:///default")) as third:
+        assert [d.name for d in await third.list_domains()] == ["test", "theirs"]
 
 
 async def test_wait_for_state_and_a_crash_of_the_connection_state(conn: aiovirt.Connection) -> None:
@@ -243,3 +269,13 @@ async def test_readonly_connection(daemon: Libvirtd) -> None:
         # The daemon itself refuses writes on this connection (it was opened VIR_CONNECT_RO).
         with pytest.raises(aiovirt.rpc.LibvirtError, match=r"read-only|read only"):
             await driver(conn).client.suspend(await driver(conn).client.lookup_by_name("test"))
+
+
+async def test_an_error_in_the_block_propagates_unchanged(daemon: Libvirtd) -> None:
+    with pytest.raises(ZeroDivisionError):
+        async with aiovirt.connect(daemon.uri("test:///default")) as conn:
+            await conn.create(none_config("unwound"))
+            1 / 0  # noqa: B018
+    with pytest.raises(aiovirt.DomainNotFoundError):
+        async with aiovirt.connect(daemon.uri("test:///default")) as conn:
+            await conn.lookup("nobody")

@@ -11,6 +11,8 @@ thread per call) and map the seam onto libvirt's calls:
   *stand-in* config (name, UUID, memory, vCPUs) and a ``definition`` entry in ``problems`` saying
   so: it can be started, stopped, destroyed and watched, since none of that sends its config. A
   name aiovirt refuses (``DomainConfig``'s rules) leaves the domain out, and says so in ``problems``.
+  Where the config is close but not all of libvirt's definition (libvirt pins ``pc`` to
+  ``pc-i440fx-7.2``, resolves the emulator's path, ...), ``import_warnings`` says what differs.
 - definitions: DOMAIN_DEFINE_XML (:func:`aiovirt.config.to_libvirt_xml`), DOMAIN_UNDEFINE_FLAGS,
   DOMAIN_SET_AUTOSTART (a change of autostart alone never redefines the domain).
 - launch: DOMAIN_CREATE_WITH_FLAGS (persistent: the definition already is on the daemon) or
@@ -36,6 +38,7 @@ from typing import Final, Literal
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ..._errors import AiovirtError, ConfigError, ConnectionLostError, LaunchError
 from ..._lifecycle import Happening
@@ -71,7 +74,7 @@ _DESTROYED_WHILE_STARTING_WAIT: Final = 60.0
 #: libvirt 11.3 fixed VIR_DOMAIN_DESTROY_GRACEFUL in the QEMU driver (it killed a QEMU that outlived
 #: SIGTERM by 15 s, holding the domain's lock all along).
 GRACEFUL_DESTROY_FIXED: Final = 11_003_000
-_LIST_AUTOSTART: Final = 256  # VIR_CONNECT_LIST_DOMAINS_AUTOSTART
+_LIST_AUTOSTART: Final = 1024  # VIR_CONNECT_LIST_DOMAINS_AUTOSTART
 _NOTE_MAX: Final = 600
 
 
@@ -88,19 +91,22 @@ class RemoteDriver(Driver):
     the daemon's libvirt (major * 1000000 + minor * 1000 + micro).
     """
 
-    def __init__(self, uri: ParsedURI, task_group: anyio.abc.TaskGroup, *, readonly: bool = False) -> None:
+    def __init__(self, uri: ParsedURI, *, readonly: bool = False) -> None:
         self.uri = uri.uri
         self.readonly = readonly
         self.daemon_driver = uri.driver
         self.has_monitor = uri.driver == "qemu"
         self.lib_version = 0
         self.sigterm_method: Literal["qmp-quit", "graceful-destroy"] = "graceful-destroy"
-        self._tg = task_group
+        self._background: anyio.abc.TaskGroup | None = None
         self._client: RPCClient | None = None
         self._machines: dict[uuid_mod.UUID, RemoteMachine] = {}
         # What the daemon holds, as far as this connection knows: name -> (config, autostart).
         self._definitions: dict[str, tuple[DomainConfig, bool]] = {}
         self._problems: list[StateProblem] = []
+        #: Domains whose config is not all of libvirt's definition, with what differs (from_libvirt_xml's
+        #: warnings: a pinned machine version, a device aiovirt has no field for, ...).
+        self.import_warnings: dict[str, tuple[str, ...]] = {}
         self._capture: list[LifecycleEvent] | None = None  # the events received while loading
         self._closing = False
 
@@ -108,7 +114,10 @@ class RemoteDriver(Driver):
     @asynccontextmanager
     async def open(cls, uri: ParsedURI, *, readonly: bool = False) -> AsyncIterator[RemoteDriver]:
         async with anyio.create_task_group() as tg:
-            driver = cls(uri, tg, readonly=readonly)
+            driver = cls(uri, readonly=readonly)
+            # Background calls run in their own task group, so that ending them never cancels
+            # the caller's block (an exception unwinding it must not be replaced by a cancellation).
+            await tg.start(driver._run_background)
             try:
                 async with open_transport(uri, readonly, _CONNECT_TIMEOUT) as transport:
                     opened = False
@@ -128,15 +137,25 @@ class RemoteDriver(Driver):
                             raise
                         raise ConnectionLostError(f"{exc}{transport.explain()}") from exc
             finally:
-                driver._closing = True
-                tg.cancel_scope.cancel()
+                driver._stop_background()
+
+    async def _run_background(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as background:
+            self._background = background
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def _stop_background(self) -> None:
+        self._closing = True
+        if self._background is not None:
+            self._background.cancel_scope.cancel()
 
     async def _started(self, client: RPCClient) -> None:
         self._client = client
         self.lib_version = await client.get_lib_version()
         if self.has_monitor and self.lib_version < GRACEFUL_DESTROY_FIXED:
             self.sigterm_method = "qmp-quit"
-        self._tg.start_soon(self._watch_connection)
+        self.spawn(self._watch_connection)
 
     @property
     def client(self) -> RPCClient:
@@ -145,8 +164,8 @@ class RemoteDriver(Driver):
         return self._client
 
     async def aclose(self) -> None:
-        self._closing = True
-        self._tg.cancel_scope.cancel()
+        self._stop_background()
+        await anyio.lowlevel.checkpoint()
 
     # -- background work ------------------------------------------------------------------------
 
@@ -159,8 +178,8 @@ class RemoteDriver(Driver):
             except Exception:
                 logger.exception("%s: background call %s failed", self.uri, getattr(func, "__name__", func))
 
-        if not self._closing:
-            self._tg.start_soon(guarded)
+        if not self._closing and self._background is not None:
+            self._background.start_soon(guarded)
 
     def forget(self, machine: RemoteMachine) -> None:
         if self._machines.get(machine.uuid) is machine:
@@ -255,16 +274,10 @@ class RemoteDriver(Driver):
         else:
             config = imported.config.model_copy(update={"name": ref.name, "uuid": ref.uuid})
             if imported.warnings:
-                self._problems.append(
-                    StateProblem(
-                        where,
-                        "definition",
-                        _short(
-                            "aiovirt's config differs from libvirt's definition (redefining the domain "
-                            "from dom.config would drop this): " + "; ".join(imported.warnings)
-                        ),
-                    )
-                )
+                # Usable, but dom.config is not all of libvirt's definition (libvirt pins the
+                # machine version of an alias, adds devices...): said, not a problem.
+                self.import_warnings[ref.name] = imported.warnings
+                logger.info("%s: domain %r: %s", self.uri, ref.name, "; ".join(imported.warnings))
             return config
         info = await self.client.get_info(ref)
         try:

@@ -95,6 +95,17 @@ class RemoteMachine(Machine):
 
     def on_event(self, event: int, detail: int) -> None:
         """A lifecycle event for this domain (in the daemon's order)."""
+        if (
+            event == _EVENT_STOPPED
+            and self.state is not RunState.SHUTDOWN
+            and signal.SIGTERM in self._sent
+            and self._driver.sigterm_method == "qmp-quit"
+        ):
+            # QEMU answers "quit" with its SHUTDOWN event and exits, but libvirt 9.0 sometimes reads
+            # the monitor's end first and drops that event (then says STOPPED/failed): QEMU did shut
+            # down as SIGTERM makes it, and is reported so, as the QEMU driver reports a SIGTERM.
+            self.state = RunState.SHUTDOWN
+            self._report(Happening.SHUTDOWN_HOST, "host-signal")
         self.state, reports = translate(event, detail, self.state, destroying=self._signalled)
         for happening, reason in reports:
             self._report(happening, reason)

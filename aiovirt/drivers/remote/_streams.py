@@ -27,12 +27,13 @@ import os
 import shlex
 import socket
 import ssl
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from subprocess import PIPE
-from typing import Final
+from typing import IO, Final
 
 import anyio
 import anyio.abc
@@ -203,14 +204,18 @@ def tls_context(uri: ParsedURI) -> ssl.SSLContext:
 
 @dataclass
 class Transport:
-    """An open stream to a daemon, and what to add to an error if its handshake fails."""
+    """An open stream to a daemon, and (ssh) where the relay's error output goes."""
 
     stream: anyio.abc.ByteStream | Channel | socket.socket
-    stderr: bytearray = field(default_factory=bytearray)
+    errors: IO[bytes] | None = None
 
     def explain(self) -> str:
-        text = self.stderr.decode(errors="replace").strip()
-        return f" (ssh said: {text[-1000:]})" if text else ""
+        """What ssh said, for an error message ("" if nothing)."""
+        if self.errors is None:
+            return ""
+        self.errors.seek(0)
+        text = self.errors.read()[-_STDERR_KEEP:].decode(errors="replace").strip()
+        return f" (ssh said: {text})" if text else ""
 
 
 @asynccontextmanager
@@ -248,31 +253,20 @@ async def open_transport(uri: ParsedURI, readonly: bool, timeout: float) -> Asyn
 @asynccontextmanager
 async def _ssh(uri: ParsedURI, readonly: bool) -> AsyncIterator[Transport]:
     argv = ssh_argv(uri, readonly)
-    try:
-        process = await anyio.open_process(argv, stdin=PIPE, stdout=PIPE, stderr=PIPE)
-    except OSError as exc:
-        raise ConnectionLostError(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
-    transport = Transport(process_stream(process))
-
-    async def drain_stderr() -> None:
-        assert process.stderr is not None
-        with suppress(anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            while True:
-                transport.stderr += await process.stderr.receive()
-                del transport.stderr[:-_STDERR_KEEP]
-
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(drain_stderr)
-            try:
-                yield transport
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await _end_process(process)
-                tg.cancel_scope.cancel()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await process.aclose()
+    # ssh's own complaints (refused key, unknown host, no nc on the remote) go to a file, read only
+    # when the handshake fails: no task needs to drain a pipe.
+    with tempfile.TemporaryFile() as errors:
+        try:
+            process = await anyio.open_process(argv, stdin=PIPE, stdout=PIPE, stderr=errors)
+        except OSError as exc:
+            raise ConnectionLostError(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
+        transport = Transport(process_stream(process), errors)
+        try:
+            yield transport
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _end_process(process)
+                await process.aclose()
 
 
 async def _end_process(process: anyio.abc.Process) -> None:
