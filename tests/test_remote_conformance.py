@@ -190,6 +190,7 @@ async def test_the_default_host_and_its_unrepresentable_domain(conn: aiovirt.Con
     assert (info.state, info.memory_mib, info.vcpus, info.pid) == (S.RUNNING, 8192, 2, None)
     await dom.set_autostart(True)  # changes the flag only: libvirt's definition stays as it was
     assert await driver(conn).client.get_autostart(await driver(conn).client.lookup_by_name("test"))
+    assert driver(conn).daemon_autostart("test") is True
     assert await dom.destroy() == signal.SIGTERM
     await dom.start()
     assert (dom.state, dom.reason) == (S.RUNNING, R.BOOTED)

@@ -171,7 +171,8 @@ async def test_a_persistent_domain_taken_back_by_a_new_connection(daemon: Libvir
     async with aiovirt.connect(daemon.uri("qemu:///system")) as conn:
         dom = await conn.lookup(name)
         assert (dom.state, dom.reason, dom.uuid) == (S.RUNNING, R.UNKNOWN, uuid_)
-        assert dom.persistent and dom.autostart
+        assert dom.persistent
+        assert isinstance(conn.driver, RemoteDriver) and conn.driver.daemon_autostart(name) is True
         # What libvirt made of aiovirt's XML: the emulator's path resolved, the machine pinned.
         assert dom.config == pc(name, uuid=uuid_, emulator="/usr/bin/qemu-system-x86_64")
         assert isinstance(conn.driver, RemoteDriver)
@@ -184,6 +185,10 @@ async def test_a_persistent_domain_taken_back_by_a_new_connection(daemon: Libvir
             [result] = await conn.stop_all(policy=StopPolicy(acpi_timeout=0.5, term_timeout=10))
         assert (result.stopped, result.stage, result.reason) == (True, StopStage.SIGTERM, "host-signal")
         assert not pid_alive(pid)
+    # libvirt's autostart starts it with the daemon, never at a connect.
+    async with aiovirt.connect(daemon.uri("qemu:///system")) as conn:
+        dom = await conn.lookup(name)
+        assert (dom.state, dom.reason) == (S.SHUTOFF, R.UNKNOWN) and conn.startup_events == []
         await dom.undefine()
         assert await conn.list_domains() == []
 
@@ -221,6 +226,19 @@ async def test_a_start_libvirt_refuses_is_a_launch_error(conn: aiovirt.Connectio
         await conn.define(pc(name, emulator="/no-such-qemu"))
     assert refused.value.code == aiovirt.rpc._protocol.ErrorCode.SYSTEM_ERROR
     assert await conn.list_domains() == []
+
+
+async def test_a_cancelled_start_leaves_nothing_running(daemon: Libvirtd, conn: aiovirt.Connection) -> None:
+    name = unique("rq-cancel")
+    with anyio.move_on_after(0.01) as scope:
+        await conn.create(pc(name))
+    assert scope.cancelled_caught
+    assert await conn.list_domains() == []
+    async with RPCClient.open_unix(daemon.socket, "qemu:///system") as other:
+        with pytest.raises(aiovirt.DomainNotFoundError):
+            await other.lookup_by_name(name)  # started, then destroyed: a transient domain is gone
+    with pytest.raises(LookupError):
+        qemu_pid(name)
 
 
 async def test_the_daemon_going_away() -> None:

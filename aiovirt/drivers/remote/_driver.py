@@ -6,13 +6,16 @@ thread per call) and map the seam onto libvirt's calls:
 
 - :meth:`RemoteDriver.load`: every domain the daemon has (CONNECT_LIST_ALL_DOMAINS), its XML
   (the inactive definition for persistent domains) read by :func:`aiovirt.config.from_libvirt_xml`,
-  its autostart flag and, if active, its state. A domain whose XML aiovirt cannot represent (a
-  bridged network, a host device, the test driver's ``type='test'``) is still listed, with a
-  *stand-in* config (name, UUID, memory, vCPUs) and a ``definition`` entry in ``problems`` saying
-  so: it can be started, stopped, destroyed and watched, since none of that sends its config. A
-  name aiovirt refuses (``DomainConfig``'s rules) leaves the domain out, and says so in ``problems``.
-  Where the config is close but not all of libvirt's definition (libvirt pins ``pc`` to
-  ``pc-i440fx-7.2``, resolves the emulator's path, ...), ``import_warnings`` says what differs.
+  and, if active, its state. libvirt's autostart flag means "start with the daemon": it is kept
+  by the driver (:meth:`RemoteDriver.daemon_autostart`), not given to the connection, which would
+  start every such domain at each connect; ``Domain.set_autostart`` sets libvirt's flag.
+- A domain whose XML aiovirt cannot represent (a bridged network, a host device, the test
+  driver's ``type='test'``) is still listed, with a *stand-in* config (name, UUID, memory, vCPUs)
+  and a ``definition`` entry in ``problems`` saying so: it can be started, stopped, destroyed and
+  watched, since none of that sends its config. A name aiovirt refuses (``DomainConfig``'s
+  rules) leaves the domain out, and says so in ``problems``. Where the config is close but not
+  all of libvirt's definition (libvirt pins ``pc`` to ``pc-i440fx-7.2``, resolves the emulator's
+  path, ...), ``import_warnings`` says what differs.
 - definitions: DOMAIN_DEFINE_XML (:func:`aiovirt.config.to_libvirt_xml`), DOMAIN_UNDEFINE_FLAGS,
   DOMAIN_SET_AUTOSTART (a change of autostart alone never redefines the domain).
 - launch: DOMAIN_CREATE_WITH_FLAGS (persistent: the definition already is on the daemon) or
@@ -67,7 +70,9 @@ logger = logging.getLogger("aiovirt")
 _CONNECT_TIMEOUT: Final = 20.0
 #: Calls in flight while loading (per domain: its XML, its state).
 _LOAD_CONCURRENCY: Final = 64
-#: A start cancelled by its caller: the bound on ending the domain it may have started.
+#: A start runs to its end, shielded from the caller's cancellation, for at most this long.
+_CREATE_TIMEOUT: Final = 120.0
+#: A start cancelled by its caller: the bound on ending the domain it started.
 _CLEANUP_TIMEOUT: Final = 30.0
 #: A destroy asked for while the start was in flight: how long the start waits for that end.
 _DESTROYED_WHILE_STARTING_WAIT: Final = 60.0
@@ -262,7 +267,9 @@ class RemoteDriver(Driver):
                     machine.on_event(int(event.event), event.detail)
         if persistent:
             self._definitions[ref.name] = (config, autostart)
-        return StoredDomain(config, persistent, autostart, machine)
+        # libvirt's autostart starts a domain when the daemon starts; aiovirt's table would start
+        # it at every connect (its own driver's meaning): it is kept here, never told the table.
+        return StoredDomain(config, persistent, False, machine)
 
     async def _config_of(self, ref: DomainRef, xml: str) -> DomainConfig | None:
         """The config for a domain's XML; a stand-in (and a problem) where aiovirt cannot represent it."""
@@ -305,6 +312,12 @@ class RemoteDriver(Driver):
         )
         return standin
 
+    def daemon_autostart(self, name: str) -> bool | None:
+        """libvirt's autostart flag of a persistent domain (started when the daemon starts), as
+        last loaded or set through this connection; None for a domain it does not know as persistent."""
+        known = self._definitions.get(name)
+        return None if known is None else known[1]
+
     async def save_definition(self, config: DomainConfig, *, autostart: bool) -> None:
         assert config.uuid is not None  # the table assigns one first
         known = self._definitions.get(config.name)
@@ -333,11 +346,21 @@ class RemoteDriver(Driver):
         ref = DomainRef(config.name, config.uuid, -1)
         machine = RemoteMachine(self, ref, RunState.RUNNING)
         self._machines[config.uuid] = machine  # its events, from now on
+        created = False
         try:
-            machine.ref = await self._create(config, ref, xml)
-        except BaseException as exc:
+            # The call is shielded (bounded): cancelled midway, libvirt would start the domain all
+            # the same and nobody could tell; so it completes, then a cancellation ends what it made.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_CREATE_TIMEOUT):
+                machine.ref = await self._create(config, ref, xml)
+                created = True
+            if not created:
+                raise LaunchError(
+                    config.name, f"libvirt did not finish the start within {_CREATE_TIMEOUT:g} s"
+                )
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
             self.forget(machine)
-            if isinstance(exc, anyio.get_cancelled_exc_class()):
+            if created:
                 await self._end_cancelled_start(ref)
             raise
         machine.attach(observer)  # a destroy asked for meanwhile is sent now
@@ -369,7 +392,7 @@ class RemoteDriver(Driver):
         return await client.lookup_by_uuid(ref.uuid)
 
     async def _end_cancelled_start(self, ref: DomainRef) -> None:
-        """The caller gave the start up: the domain may be running by now; end it (shielded, bounded)."""
+        """The caller gave the start up once it had started the domain: end it (shielded, bounded)."""
         with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
             try:
                 state, _ = await self.client.get_state(ref)
