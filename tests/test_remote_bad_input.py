@@ -7,6 +7,7 @@ once the connection is broken every other pending call fails with it. Both anyio
 from __future__ import annotations
 
 import struct
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import anyio.abc
 import pytest
 
 import aiovirt
-from aiovirt.rpc import LibvirtError, UnsupportedAuthError
+from aiovirt.config import to_libvirt_xml
+from aiovirt.rpc import DomainRef, LibvirtError, UnsupportedAuthError
 from aiovirt.rpc import _protocol as P
 from aiovirt.rpc._codec import decode_header, encode_packet
 from aiovirt.rpc._xdr import Packer
@@ -308,3 +310,47 @@ async def test_what_a_real_daemon_refuses() -> None:
         with anyio.fail_after(BOUND), pytest.raises(aiovirt.ConnectionLostError, match="cannot connect"):
             async with aiovirt.connect(f"test+unix:///default?socket={daemon.directory}/none"):
                 pass
+
+
+async def test_a_missed_stop_is_learnt_from_the_daemons_refusal(tmp_path: Path) -> None:
+    # A daemon whose STOPPED event never came (events are not guaranteed across a reconnect of
+    # libvirt's own event loop): the first request it refuses makes the driver ask for the state.
+    ref = DomainRef("ghost", uuid.uuid4(), 3)
+    listed = Packer()
+    listed.array([ref], 16384, lambda r: r.pack(listed))
+    listed.uint32(1)
+    state = {"running": True}
+
+    async def handler(daemon: FakeDaemon, header: Any, body: bytes) -> bool:
+        proc = header.procedure
+        if proc == P.Procedure.CONNECT_LIST_ALL_DOMAINS:
+            flags = struct.unpack(">iI", body)[1]
+            await daemon.reply(header, listed.getvalue() if flags == 0 else _ints(0, 0))
+        elif proc == P.Procedure.DOMAIN_GET_STATE:
+            await daemon.reply(header, _ints(1, 1) if state["running"] else _ints(5, 2))
+        elif proc == P.Procedure.DOMAIN_GET_XML_DESC:
+            p = Packer()
+            p.string(to_libvirt_xml(none_config("ghost", uuid=ref.uuid)), P.STRING_MAX)
+            await daemon.reply(header, p.getvalue())
+        elif proc == P.Procedure.DOMAIN_SUSPEND:
+            state["running"] = False  # it stopped meanwhile; its event is lost
+            error = P.RemoteError(P.ErrorCode.OPERATION_INVALID, 10, "domain is not running", 2)
+            p = Packer()
+            error.pack(p)
+            await daemon.stream.send(
+                encode_packet(header.program, proc, P.MessageType.REPLY, header.serial, 1, p.getvalue())
+            )
+        else:
+            return False
+        return True
+
+    async def body(uri: str) -> None:
+        async with aiovirt.connect(uri) as conn:
+            dom = await conn.lookup("ghost")
+            assert dom.state == aiovirt.DomainState.RUNNING
+            with pytest.raises(aiovirt.InvalidStateError, match="not running"):
+                await dom.suspend()
+            assert (dom.state, dom.reason) == (aiovirt.DomainState.SHUTOFF, aiovirt.StateReason.SHUTDOWN)
+
+    answers = {k: v for k, v in _ANSWERS.items() if k != P.Procedure.CONNECT_LIST_ALL_DOMAINS}
+    await with_fake_daemon(tmp_path, handler, body, answers=answers)

@@ -244,14 +244,18 @@ class RemoteMachine(Machine):
         self._check_connected(what)
         try:
             return await call()
-        except (RemoteInvalidStateError, RemoteDomainNotFoundError):
-            self._driver.spawn(self.refresh)
-            raise
         except LibvirtError as exc:
-            if exc.code == P.ErrorCode.INTERNAL_ERROR and _WRONG_STATE.search(exc.message):
-                self._driver.spawn(self.refresh)
-                raise RemoteInvalidStateError(exc.remote, exc.procedure, exc.program, self.name) from exc
-            raise CommandError(what, None, exc.remote.code_name, exc.message) from exc
+            wrong_state = isinstance(exc, (RemoteInvalidStateError, RemoteDomainNotFoundError)) or (
+                exc.code == P.ErrorCode.INTERNAL_ERROR and _WRONG_STATE.search(exc.message) is not None
+            )
+            if not wrong_state:
+                raise CommandError(what, None, exc.remote.code_name, exc.message) from exc
+            # The daemon says the domain is not in the state we believed (a transient one that is
+            # gone is "not found"): learn its state first, so the caller sees both at once.
+            await self.refresh()
+            if isinstance(exc, RemoteInvalidStateError):
+                raise
+            raise RemoteInvalidStateError(exc.remote, exc.procedure, exc.program, self.name) from exc
 
     async def command(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         if not self._driver.has_monitor:
