@@ -242,23 +242,32 @@ async def test_a_cancelled_start_leaves_nothing_running(daemon: Libvirtd, conn: 
 
 
 async def test_the_daemon_going_away() -> None:
-    with running_libvirtd() as daemon:
-        async with aiovirt.connect(daemon.uri("qemu:///system")) as conn:
-            dom = await conn.create(pc(unique("rq-orphan")))
-            daemon.kill()
-            with anyio.fail_after(HANG):
-                while dom.reachable:
-                    await anyio.sleep(0.05)
-            # The guest keeps its last known state; everything that needs the daemon fails at once.
-            assert dom.state == S.RUNNING
-            assert {p.kind for p in conn.problems} == {"unreachable"}
-            assert any("connection was lost" in p.message for p in conn.problems)
-            with anyio.fail_after(5):
-                with pytest.raises(aiovirt.ConnectionLostError):
-                    await dom.destroy()
-                with pytest.raises(aiovirt.ConnectionLostError):
-                    await dom.qmp("query-status")
-                with pytest.raises(aiovirt.ConnectionLostError):
-                    await conn.define(pc(unique("rq-late")))
-                [result] = await conn.stop_all(policy=StopPolicy(acpi_timeout=0.2))
-            assert not result.stopped and isinstance(result.error, aiovirt.ConnectionLostError)
+    name = unique("rq-orphan")
+    orphans: list[int] = []
+    try:
+        with running_libvirtd() as daemon:
+            async with aiovirt.connect(daemon.uri("qemu:///system")) as conn:
+                dom = await conn.create(pc(name))
+                orphans.append(qemu_pid(name))  # guests outlive their daemon (libvirt's design)
+                daemon.kill()
+                with anyio.fail_after(HANG):
+                    while dom.reachable:
+                        await anyio.sleep(0.05)
+                # The guest keeps its last known state; whatever needs the daemon fails at once.
+                assert dom.state == S.RUNNING
+                assert {p.kind for p in conn.problems} == {"unreachable"}
+                assert any("connection was lost" in p.message for p in conn.problems)
+                with anyio.fail_after(5):
+                    with pytest.raises(aiovirt.ConnectionLostError):
+                        await dom.destroy()
+                    with pytest.raises(aiovirt.ConnectionLostError):
+                        await dom.qmp("query-status")
+                    with pytest.raises(aiovirt.ConnectionLostError):
+                        await conn.define(pc(unique("rq-late")))
+                    [result] = await conn.stop_all(policy=StopPolicy(acpi_timeout=0.2))
+                assert not result.stopped and isinstance(result.error, aiovirt.ConnectionLostError)
+    finally:
+        # libvirtd.sh's stop ends the guests of a running daemon only: this one was killed.
+        for pid in orphans:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
