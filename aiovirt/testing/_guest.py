@@ -6,13 +6,19 @@ guest prints :attr:`TinyGuest.ready_marker` on its serial console once it listen
 button; QMP ``system_powerdown`` then makes it ``poweroff -f`` (QEMU emits ``SHUTDOWN`` with
 ``"guest": true`` and exits 0).
 
+A second mode, for data-integrity tests: with ``aiovirt.writer=SEED`` on the kernel command line
+(:meth:`TinyGuest.writer_config`) the guest writes numbered, checksummed blocks to two virtio disks,
+fsynced on the first and never flushed on the second, and reports each on its console;
+``aiovirt.testing._blocks`` checks the images afterwards. Without it the guest only idles.
+
 Everything comes from Debian packages, nothing is compiled:
 
 - the kernel is Debian's current ``linux-image-*-amd64`` (``apt-get download``, no install). What is
   cached is the ELF ``vmlinux`` inside its ``boot/vmlinuz-*``, which QEMU boots through the PVH entry
   point: under TCG that starts the guest in about 2.5 s instead of 6.5 s (the kernel's own xz
   decompressor is what is slow). A kernel without a PVH note is cached as the bzImage itself.
-  The ACPI ``button`` and ``evdev`` drivers are modules there and are copied into the initramfs;
+  The ACPI ``button`` and ``evdev`` drivers, and virtio-blk over PCI for writer mode, are modules
+  there and are copied into the initramfs;
 - the initramfs holds busybox-static's ``/bin/busybox`` and a shell ``/init`` (see ``INIT_SCRIPT``),
   written as a newc cpio by this module (no root needed for the device node it contains).
 
@@ -47,15 +53,22 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from ..config import DomainConfig
+from ..config import Disk, DomainConfig
 
 __all__ = [
+    "BLOCK_SIZE",
     "CMDLINE",
+    "FLUSHED_PREFIX",
+    "HEADER_SIZE",
+    "PAYLOAD_LINES",
     "READY_MARKER",
     "RECIPE_VERSION",
     "TinyGuest",
     "TinyGuestBuildError",
+    "WRITER_PARAM",
+    "WRITTEN_PREFIX",
     "default_cache_dir",
     "ensure_tiny_guest",
 ]
@@ -63,7 +76,7 @@ __all__ = [
 log = logging.getLogger("aiovirt.testing")
 
 #: Part of the cache key: change it whenever anything below changes what gets built.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 #: ``panic=-1``: if /init ever died the guest would reboot at once instead of hanging.
 CMDLINE = "console=ttyS0 quiet panic=-1"
 READY_MARKER = "aiovirt-guest: ready"
@@ -79,14 +92,56 @@ _BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 _APT_TIMEOUT = 900.0  # seconds: a 70 MB download on a slow mirror
 _LOCK_WAIT_LOG_INTERVAL = 30.0
 
-# (kernel config option, module name, path below lib/modules/<version>/kernel/) of each driver /init needs
+# (kernel config option, module name, path below lib/modules/<version>/kernel/, required), in the order
+# /init loads them. An optional module is one that only some kernel configurations split out.
 _DRIVERS = (
-    ("CONFIG_INPUT_EVDEV", "evdev", "drivers/input/evdev"),
-    ("CONFIG_ACPI_BUTTON", "button", "drivers/acpi/button"),
+    ("CONFIG_INPUT_EVDEV", "evdev", "drivers/input/evdev", True),
+    ("CONFIG_ACPI_BUTTON", "button", "drivers/acpi/button", True),
+    # writer mode only: virtio-blk over PCI, dependencies first
+    ("CONFIG_VIRTIO", "virtio_ring", "drivers/virtio/virtio_ring", True),
+    ("CONFIG_VIRTIO", "virtio", "drivers/virtio/virtio", True),
+    ("CONFIG_VIRTIO_PCI_LIB", "virtio_pci_modern_dev", "drivers/virtio/virtio_pci_modern_dev", False),
+    ("CONFIG_VIRTIO_PCI_LIB_LEGACY", "virtio_pci_legacy_dev", "drivers/virtio/virtio_pci_legacy_dev", False),
+    ("CONFIG_VIRTIO_PCI", "virtio_pci", "drivers/virtio/virtio_pci", True),
+    ("CONFIG_VIRTIO_BLK", "virtio_blk", "drivers/block/virtio_blk", True),
+)
+_BUTTON_MODULES = ("evdev", "button")
+_WRITER_MODULES = tuple(name for _option, name, _path, _required in _DRIVERS if name not in _BUTTON_MODULES)
+
+# -- writer mode: the block format, shared with aiovirt.testing._blocks, which checks the images --
+
+#: The kernel command-line parameter that turns the writer on; its value is the pattern's seed.
+WRITER_PARAM = "aiovirt.writer"
+#: What the writer prints on the console: after each block it fsynced to the first disk, and after
+#: each block it wrote (never flushed) to the second disk. One whole line each.
+FLUSHED_PREFIX = "FLUSHED "
+WRITTEN_PREFIX = "WRITTEN "
+BLOCK_SIZE = 4096
+#: A text header line, space-padded to this size with a final newline; the payload fills the rest.
+HEADER_SIZE = 256
+#: The payload: PAYLOAD_LINES lines of "%07d %07d\n" (line index, then a MINSTD step mod 10^7).
+PAYLOAD_LINES = (BLOCK_SIZE - HEADER_SIZE) // 16
+MAX_SEED = 2**31 - 1
+
+# busybox awk computes in doubles: every product stays below 2**53, so the guest and
+# aiovirt.testing._blocks.expected_payload agree exactly.
+_PAYLOAD_AWK = (
+    "BEGIN { x = (seed * 7919 + n * 104729 + 1) % 2147483647; if (x == 0) x = 1;"
+    f" for (i = 0; i < {PAYLOAD_LINES}; i++) {{ x = (x * 48271) % 2147483647;"
+    ' printf "%07d %07d\\n", i, x % 10000000 } }'
 )
 
 # PID 1 of the guest, run by busybox's ash. Events written to an evdev node before it is opened are
 # lost, so each reader opens its device before signalling, and the ready marker waits for all readers.
+#
+# Writer mode (aiovirt.writer=SEED): block n goes to offset n*4096 of both disks. On /dev/vda it is
+# written with conv=fsync (the fsync also flushes the disk's write cache: QEMU makes it durable in the
+# image), then "FLUSHED n" is printed; on /dev/vdb it is only written, then "WRITTEN n". Two kernel
+# rules shape this: the last close of a block device writes back its page cache, so PID 1 holds both
+# devices open until power-off (each dd's close is never the last); and fsync of a block device
+# writes back all of that device's dirty pages, so the never-flushed blocks live on a disk of their
+# own. The power button stops the writer between blocks (as an init stops processes before it
+# syncs), then syncs: every block reported WRITTEN is in the sync.
 INIT_SCRIPT = f"""\
 #!/bin/busybox sh
 # /init of aiovirt's tiny test guest (PID 1: must never exit).
@@ -99,12 +154,43 @@ say() {{ echo "aiovirt-guest: $*"; }}
 idle() {{ while :; do sleep 3600; done; }}
 fail() {{ say "error: $*"; idle; }}
 
-# evdev first, so the power button gets its /dev/input/event* node as soon as button.ko registers it
-for m in evdev button; do
-    if [ -e "/lib/modules/$m.ko" ]; then
-        insmod "/lib/modules/$m.ko" || fail "insmod $m.ko failed"
-    fi
+writer=
+read -r cmdline < /proc/cmdline
+for arg in $cmdline; do
+    case "$arg" in
+        {WRITER_PARAM}=*) writer=${{arg#{WRITER_PARAM}=}} ;;
+    esac
 done
+case "$writer" in
+    *[!0-9]*) fail "{WRITER_PARAM}= wants a decimal seed, not '$writer'" ;;
+esac
+
+load() {{
+    for m in "$@"; do
+        if [ -e "/lib/modules/$m.ko" ]; then
+            insmod "/lib/modules/$m.ko" || fail "insmod $m.ko failed"
+        fi
+    done
+}}
+
+# evdev first, so the power button gets its /dev/input/event* node as soon as button.ko registers it
+load {" ".join(_BUTTON_MODULES)}
+
+if [ -n "$writer" ]; then
+    load {" ".join(_WRITER_MODULES)}
+    n=0
+    while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do
+        n=$((n + 1))
+        [ "$n" -lt 600 ] || fail "writer mode needs two virtio disks: no /dev/vda and /dev/vdb after 30 s"
+        sleep 0.05
+    done
+    # a failed redirection of exec would end PID 1: try it in a subshell first
+    ( exec 3<>/dev/vda 4<>/dev/vdb ) 2>/dev/null || fail "cannot open /dev/vda and /dev/vdb"
+    exec 3<>/dev/vda 4<>/dev/vdb
+    # No periodic writeback: a block on /dev/vdb stays in the page cache until a sync (or the
+    # background threshold, 10% of RAM, far above what a run writes): "never flushed" is exact.
+    echo 0 > /proc/sys/vm/dirty_writeback_centisecs || fail "cannot turn periodic writeback off"
+fi
 
 # The event device shows up a little after insmod returns: wait for the power button's node.
 n=0
@@ -121,6 +207,16 @@ while :; do
     sleep 0.05
 done
 
+stop_writer() {{
+    [ -n "$writer" ] || return 0
+    : > /run/writer.stop
+    w=0
+    while [ ! -e /run/writer.stopped ] && [ "$w" -lt 200 ]; do
+        sleep 0.05
+        w=$((w + 1))
+    done
+}}
+
 # One reader per event device: the first event read is the button press (nothing else sends input).
 mkdir -p /run/readers
 n=0
@@ -129,6 +225,7 @@ for dev in /dev/input/event*; do
         : > "/run/readers/$n"
         if dd bs=4096 count=1 of=/dev/null 2>/dev/null; then
             say "power button pressed, powering off"
+            stop_writer
             sync
             poweroff -f
         fi
@@ -147,6 +244,34 @@ while [ "$i" -lt "$n" ]; do
 done
 
 echo "{READY_MARKER}"
+[ -n "$writer" ] || idle
+
+# block DISK N: the header line of block N for DISK (flushed or cached), then the payload
+block() {{
+    printf '%-{HEADER_SIZE - 1}s\\n' "AIOVIRT-BLOCK v1 disk=$1 seed=$writer seq=$2 sha256=$sum"
+    cat /run/payload
+}}
+payload_awk='{_PAYLOAD_AWK}'
+a=$(blockdev --getsize64 /dev/vda) && b=$(blockdev --getsize64 /dev/vdb) || fail "blockdev failed"
+[ "$a" -lt "$b" ] || a=$b
+blocks=$((a / {BLOCK_SIZE}))
+n=0
+while [ ! -e /run/writer.stop ]; do
+    if [ "$n" -ge "$blocks" ]; then say "writer: the disks are full"; break; fi
+    awk -v seed="$writer" -v n="$n" "$payload_awk" > /run/payload || fail "awk failed"
+    set -- $(sha256sum /run/payload)
+    sum=$1
+    block flushed "$n" > /run/block
+    dd if=/run/block of=/dev/vda bs={BLOCK_SIZE} seek="$n" count=1 conv=notrunc,fsync 2>/dev/null \\
+        || fail "writing block $n to /dev/vda failed"
+    echo "{FLUSHED_PREFIX}$n"
+    block cached "$n" > /run/block
+    dd if=/run/block of=/dev/vdb bs={BLOCK_SIZE} seek="$n" count=1 conv=notrunc 2>/dev/null \\
+        || fail "writing block $n to /dev/vdb failed"
+    echo "{WRITTEN_PREFIX}$n"
+    n=$((n + 1))
+done
+: > /run/writer.stopped
 idle
 """
 
@@ -175,6 +300,40 @@ class TinyGuest:
             kernel=self.kernel,
             initrd=self.initrd,
             cmdline=self.cmdline,
+        )
+
+    def writer_config(
+        self,
+        name: str,
+        *,
+        seed: int,
+        flushed: Path,
+        cached: Path,
+        image_format: Literal["raw", "qcow2"] = "qcow2",
+        memory_mib: int = 128,
+    ) -> DomainConfig:
+        """:meth:`domain_config` in writer mode, with ``flushed`` as ``/dev/vda`` and ``cached`` as
+        ``/dev/vdb`` (virtio, ``cache=writeback``, the images made beforehand).
+
+        Once ready, the guest writes block 0, 1, 2... to both disks (see ``INIT_SCRIPT`` and
+        ``aiovirt.testing._blocks``): fsynced on ``flushed``, each followed by the console line
+        ``FLUSHED n``; never flushed on ``cached``, each followed by ``WRITTEN n``. It stops when the
+        smaller disk is full, or at a power-button press, which it then honours (``sync``, power off).
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}")
+        disks = [
+            Disk(path=path, format=image_format, bus="virtio", cache="writeback") for path in (flushed, cached)
+        ]
+        return DomainConfig(
+            name=name,
+            machine="pc",
+            accel="tcg",
+            memory_mib=memory_mib,
+            kernel=self.kernel,
+            initrd=self.initrd,
+            cmdline=f"{self.cmdline} {WRITER_PARAM}={seed}",
+            disks=disks,
         )
 
 
@@ -457,7 +616,7 @@ def _extract_kernel(dpkg_deb: str, deb: Path) -> tuple[bytes, dict[str, bytes]]:
     module_re = re.compile(
         r"^(?:\./)?(?:usr/)?lib/modules/[^/]+/kernel/(?P<path>.+)\.ko(?:\.(?P<comp>xz|zst|gz))?$"
     )
-    wanted = {path: name for _option, name, path in _DRIVERS}
+    wanted = {path: name for _option, name, path, _required in _DRIVERS}
     kernels: dict[str, bytes] = {}
     configs: list[bytes] = []
     modules: dict[str, bytes] = {}
@@ -501,16 +660,17 @@ def _extract_kernel(dpkg_deb: str, deb: Path) -> tuple[bytes, dict[str, bytes]]:
         raise TinyGuestBuildError(f"{deb.name} holds {len(kernels)} boot/vmlinuz-* files, expected one")
     config = b"\n".join(configs).decode(errors="replace")
     needed: dict[str, bytes] = {}
-    for option, name, path in _DRIVERS:
+    for option, name, path, required in _DRIVERS:
         value = re.search(rf"^{option}=(\S+)$", config, re.MULTILINE)
         if value and value[1] == "y":
             continue  # built in: nothing to load
-        if name not in modules:
+        if name in modules:
+            needed[name] = modules[name]
+        elif required or (value and value[1] == "m"):
             raise TinyGuestBuildError(
                 f"{deb.name} has no {path}.ko module and its config does not build {option} in "
                 f"({option}={value[1] if value else 'unset'}): this kernel cannot run the tiny guest"
             )
-        needed[name] = modules[name]
     return next(iter(kernels.values())), needed
 
 
@@ -641,7 +801,9 @@ def _initramfs(busybox: Path, modules: dict[str, bytes]) -> bytes:
 def _applets(busybox: Path) -> list[str]:
     listed = _run([str(busybox), "--list"], what="list busybox's applets", timeout=30)
     names = {a for a in listed.split() if re.fullmatch(r"[A-Za-z0-9_.\[-]+", a) and a != "busybox"}
-    missing = {"sh", "mount", "insmod", "sleep", "dd", "mkdir", "sync", "poweroff"} - names
+    needed = {"sh", "mount", "insmod", "sleep", "dd", "mkdir", "sync", "poweroff"}
+    needed |= {"awk", "sha256sum", "cat", "blockdev"}  # writer mode
+    missing = needed - names
     if missing:
         raise TinyGuestBuildError(f"{busybox} lacks applets the guest's /init needs: {sorted(missing)}")
     return sorted(names)
