@@ -65,10 +65,10 @@ __all__ = [
     "PAYLOAD_LINES",
     "READY_MARKER",
     "RECIPE_VERSION",
-    "TinyGuest",
-    "TinyGuestBuildError",
     "WRITER_PARAM",
     "WRITTEN_PREFIX",
+    "TinyGuest",
+    "TinyGuestBuildError",
     "default_cache_dir",
     "ensure_tiny_guest",
 ]
@@ -323,7 +323,8 @@ class TinyGuest:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}")
         disks = [
-            Disk(path=path, format=image_format, bus="virtio", cache="writeback") for path in (flushed, cached)
+            Disk(path=path, format=image_format, bus="virtio", cache="writeback")
+            for path in (flushed, cached)
         ]
         return DomainConfig(
             name=name,
