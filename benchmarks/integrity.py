@@ -4,11 +4,12 @@
     .venv/bin/python benchmarks/integrity.py --instants 3 --seed 7 --jobs 2   # a quick look
 
 For every way of stopping (``aiovirt.testing._integrity.StopWay``) and every seeded instant: the
-tiny guest boots in writer mode on two fresh qcow2 images (virtio, ``cache=writeback``), writes
-numbered, checksummed 4 KiB blocks, fsynced on the first image (console: ``FLUSHED n``) and only
-written on the second (``WRITTEN n``: in the guest's page cache), and is stopped after a seeded
-number of flushed blocks plus a seeded fraction of a second. Then ``qemu-img check`` runs on both
-images and every reported block is read back and verified (number, checksum, pattern).
+tiny guest boots in writer mode on three fresh qcow2 images (virtio, ``cache=writeback``) and
+writes numbered, checksummed 4 KiB blocks to each: fsynced on the first (console: ``FLUSHED n``),
+with O_DIRECT and never flushed on the second (``DIRECT n``: QEMU has it, in its own caches),
+plainly on the third (``WRITTEN n``: in the guest's page cache only). It is stopped after a seeded
+number of fsynced blocks plus a seeded fraction of a second. Then ``qemu-img check`` runs on every
+image and every reported block is read back and verified (number, checksum, pattern).
 
 Instants alternate between the asyncio and the trio backend (``--backends`` to choose). The same
 ``--seed`` gives the same instants. Prints one JSON object (every instant), then the markdown
@@ -39,6 +40,7 @@ import anyio  # noqa: E402
 import aiovirt  # noqa: E402
 from aiovirt.testing import ensure_tiny_guest  # noqa: E402
 from aiovirt.testing._integrity import (  # noqa: E402
+    KINDS,
     WAYS,
     Instant,
     Outcome,
@@ -67,11 +69,8 @@ async def _run_backend(
             outcome = await run_instant(conn, guest, instant, work / "images", f"i{index}")
             done.append((index, outcome))
             _progress(
-                f"[{len(done)}/{len(planned)} {backend}] {instant.way}: after {instant.after_flushed} "
-                f"+{instant.delay:.2f} s: flushed {outcome.flushed} lost {len(outcome.flushed_lost)}, "
-                f"written {outcome.written} lost {outcome.written_lost}, "
-                f"leaks {outcome.leaked_clusters}, clean {outcome.images_clean} "
-                f"({time.monotonic() - started:.1f} s)"
+                f"[{len(done)}/{len(planned)} {backend}] {outcome.describe()}, images clean "
+                f"{outcome.images_clean} ({time.monotonic() - started:.1f} s)"
             )
 
     uri = f"qemu:///embed?root={work / ('state-' + backend)}"
@@ -82,20 +81,24 @@ async def _run_backend(
 
 
 def _fraction(part: int, whole: int) -> str:
-    return f"{part} of {whole}" if whole else "0 of 0"
+    return f"{part} of {whole}"
 
 
 def markdown(rows: Sequence[Summary]) -> str:
     lines = [
-        "| Way of stopping | instants | images clean (`qemu-img check`) | flushed blocks lost "
-        "| unflushed blocks lost | leaked clusters | stop_all ended at |",
-        "|---|---|---|---|---|---|---|",
+        "| Way of stopping | QEMU's shutdown reason | instants | images clean (`qemu-img check`) "
+        "| fsynced blocks lost | written past the guest's page cache, never flushed: lost "
+        "| in the guest's page cache only: lost | leaked clusters |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        reasons = ", ".join("none (killed)" if r == "none" else f"`{r}`" for r in row.shutdown_reasons)
+        stage = f" (stop_all stage: {', '.join(row.stages)})" if row.stages else ""
+        lost = [_fraction(row.lost[kind], row.reported[kind]) for kind in KINDS]
         lines.append(
-            f"| {WAYS[row.way].call} | {row.instants} | {_fraction(row.clean, row.instants)} "
-            f"| **{_fraction(row.flushed_lost, row.flushed)}** | {_fraction(row.written_lost, row.written)} "
-            f"| {row.leaked_clusters} | {', '.join(row.stages) or '-'} |"
+            f"| {WAYS[row.way].call}{stage} | {reasons} | {row.instants} "
+            f"| {_fraction(row.clean, row.instants)} | **{lost[0]}** | {lost[1]} | {lost[2]} "
+            f"| {row.leaked_clusters} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -108,14 +111,22 @@ def _outcome_json(index: int, backend: str, o: Outcome) -> dict[str, Any]:
         "seed": o.instant.seed,
         "after_flushed": o.instant.after_flushed,
         "delay": round(o.instant.delay, 3),
-        "flushed": o.flushed,
-        "flushed_lost": [list(x) for x in o.flushed_lost],
-        "written": o.written,
-        "written_lost": o.written_lost,
-        "leaked_clusters": o.leaked_clusters,
+        "images": {
+            kind: {
+                "reported": kept.reported,
+                "lost": [list(x) for x in kept.lost],
+                "qemu_img_check": {
+                    "status": kept.check.exit_status,
+                    "corruptions": kept.check.corruptions,
+                    "leaks": kept.check.leaks,
+                    "check_errors": kept.check.check_errors,
+                },
+            }
+            for kind, kept in o.images.items()
+        },
         "images_clean": o.images_clean,
-        "qemu_img_check_status": [c.exit_status for c in o.checks],
         "stop_stage": o.stop_stage,
+        "shutdown_reason": o.shutdown_reason,
     }
 
 
@@ -187,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json_out.write_text(json.dumps(report, indent=1) + "\n")
     if args.md_out:
         args.md_out.write_text(table)
-    bad = [r for r in rows if WAYS[r.way].aiovirt and (r.flushed_lost or r.clean != r.instants)]
+    bad = [r for r in rows if WAYS[r.way].aiovirt and (r.lost["flushed"] or r.clean != r.instants)]
     if bad:
         _progress(f"integrity: an aiovirt way lost flushed data or left a damaged image: {bad}")
         return 1

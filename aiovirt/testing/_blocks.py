@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ._guest import BLOCK_SIZE, FLUSHED_PREFIX, HEADER_SIZE, MAX_SEED, PAYLOAD_LINES, WRITTEN_PREFIX
+from ._guest import (
+    BLOCK_SIZE,
+    DIRECT_PREFIX,
+    FLUSHED_PREFIX,
+    HEADER_SIZE,
+    MAX_SEED,
+    PAYLOAD_LINES,
+    WRITTEN_PREFIX,
+)
 
 __all__ = [
     "ImageCheck",
@@ -37,7 +45,7 @@ __all__ = [
     "read_image",
 ]
 
-Disk = Literal["flushed", "cached"]
+Disk = Literal["flushed", "direct", "cached"]
 
 _MINSTD = 2147483647
 _HEADER_RE = re.compile(
@@ -88,9 +96,11 @@ def block_problem(data: bytes, seed: int, n: int, disk: Disk) -> str | None:
 
 @dataclass(frozen=True)
 class WriterReport:
-    """What the guest's console says it did: blocks fsynced (FLUSHED) and blocks written (WRITTEN)."""
+    """What the guest's console says it did: blocks fsynced (FLUSHED), written with O_DIRECT and
+    never flushed (DIRECT), and written to its page cache only (WRITTEN)."""
 
     flushed: frozenset[int]
+    direct: frozenset[int]
     written: frozenset[int]
 
 
@@ -98,15 +108,16 @@ def parse_console(text: str) -> WriterReport:
     """The writer's report in a console capture. Only whole lines count: a line cut off by the
     stop, or mixed with kernel output, is ignored (it can only hide a block from the check)."""
     flushed: set[int] = set()
+    direct: set[int] = set()
     written: set[int] = set()
     complete = text if text.endswith("\n") else text[: text.rfind("\n") + 1]
     for line in complete.splitlines():
         line = line.strip()
-        for prefix, into in ((FLUSHED_PREFIX, flushed), (WRITTEN_PREFIX, written)):
+        for prefix, into in ((FLUSHED_PREFIX, flushed), (DIRECT_PREFIX, direct), (WRITTEN_PREFIX, written)):
             number = line.removeprefix(prefix)
             if number != line and number.isdigit() and number.isascii():
                 into.add(int(number))
-    return WriterReport(frozenset(flushed), frozenset(written))
+    return WriterReport(frozenset(flushed), frozenset(direct), frozenset(written))
 
 
 @dataclass(frozen=True)

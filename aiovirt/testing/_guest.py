@@ -7,9 +7,10 @@ button; QMP ``system_powerdown`` then makes it ``poweroff -f`` (QEMU emits ``SHU
 ``"guest": true`` and exits 0).
 
 A second mode, for data-integrity tests: with ``aiovirt.writer=SEED`` on the kernel command line
-(:meth:`TinyGuest.writer_config`) the guest writes numbered, checksummed blocks to two virtio disks,
-fsynced on the first and never flushed on the second, and reports each on its console;
-``aiovirt.testing._blocks`` checks the images afterwards. Without it the guest only idles.
+(:meth:`TinyGuest.writer_config`) the guest writes numbered, checksummed blocks to three virtio
+disks (fsynced; written with O_DIRECT and never flushed; only written to its page cache) and
+reports each on its console; ``aiovirt.testing._blocks`` checks the images afterwards. Without it
+the guest only idles.
 
 Everything comes from Debian packages, nothing is compiled:
 
@@ -60,6 +61,7 @@ from ..config import Disk, DomainConfig
 __all__ = [
     "BLOCK_SIZE",
     "CMDLINE",
+    "DIRECT_PREFIX",
     "FLUSHED_PREFIX",
     "HEADER_SIZE",
     "PAYLOAD_LINES",
@@ -76,7 +78,7 @@ __all__ = [
 log = logging.getLogger("aiovirt.testing")
 
 #: Part of the cache key: change it whenever anything below changes what gets built.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 5
 #: ``panic=-1``: if /init ever died the guest would reboot at once instead of hanging.
 CMDLINE = "console=ttyS0 quiet panic=-1"
 READY_MARKER = "aiovirt-guest: ready"
@@ -112,9 +114,11 @@ _WRITER_MODULES = tuple(name for _option, name, _path, _required in _DRIVERS if 
 
 #: The kernel command-line parameter that turns the writer on; its value is the pattern's seed.
 WRITER_PARAM = "aiovirt.writer"
-#: What the writer prints on the console: after each block it fsynced to the first disk, and after
-#: each block it wrote (never flushed) to the second disk. One whole line each.
+#: What the writer prints on the console, one whole line per block: after fsyncing it to the first
+#: disk; after writing it with O_DIRECT (so QEMU has it, but no flush was asked) to the second; after
+#: writing it (to the guest's page cache only) to the third.
 FLUSHED_PREFIX = "FLUSHED "
+DIRECT_PREFIX = "DIRECT "
 WRITTEN_PREFIX = "WRITTEN "
 BLOCK_SIZE = 4096
 #: A text header line, space-padded to this size with a final newline; the payload fills the rest.
@@ -134,14 +138,15 @@ _PAYLOAD_AWK = (
 # PID 1 of the guest, run by busybox's ash. Events written to an evdev node before it is opened are
 # lost, so each reader opens its device before signalling, and the ready marker waits for all readers.
 #
-# Writer mode (aiovirt.writer=SEED): block n goes to offset n*4096 of both disks. On /dev/vda it is
-# written with conv=fsync (the fsync also flushes the disk's write cache: QEMU makes it durable in the
-# image), then "FLUSHED n" is printed; on /dev/vdb it is only written, then "WRITTEN n". Two kernel
-# rules shape this: the last close of a block device writes back its page cache, so PID 1 holds both
-# devices open until power-off (each dd's close is never the last); and fsync of a block device
-# writes back all of that device's dirty pages, so the never-flushed blocks live on a disk of their
-# own. The power button stops the writer between blocks (as an init stops processes before it
-# syncs), then syncs: every block reported WRITTEN is in the sync.
+# Writer mode (aiovirt.writer=SEED): block n goes to offset n*4096 of three disks, each with its own
+# console line once written: /dev/vda with conv=fsync (the fsync also flushes the disk's write cache:
+# QEMU has made it durable in the image) -> "FLUSHED n"; /dev/vdb with oflag=direct (past the page
+# cache, so QEMU has it, in its own caches, but no flush was asked) -> "DIRECT n"; /dev/vdc plainly
+# (the guest's page cache only) -> "WRITTEN n". Two kernel rules shape this: the last close of a
+# block device writes back its page cache, so PID 1 holds every device open until power-off (each
+# dd's close is never the last); and fsync of a block device writes back all of that device's dirty
+# pages, so each kind of write has a disk of its own. The power button stops the writer between
+# blocks (as an init stops processes before it syncs), then syncs: every block reported is in the sync.
 INIT_SCRIPT = f"""\
 #!/bin/busybox sh
 # /init of aiovirt's tiny test guest (PID 1: must never exit).
@@ -179,17 +184,20 @@ load {" ".join(_BUTTON_MODULES)}
 if [ -n "$writer" ]; then
     load {" ".join(_WRITER_MODULES)}
     n=0
-    while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do
+    while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ] || [ ! -b /dev/vdc ]; do
         n=$((n + 1))
-        [ "$n" -lt 600 ] || fail "writer mode needs two virtio disks: no /dev/vda and /dev/vdb after 30 s"
+        [ "$n" -lt 600 ] || fail "writer mode needs three virtio disks: no /dev/vda, vdb and vdc after 30 s"
         sleep 0.05
     done
     # a failed redirection of exec would end PID 1: try it in a subshell first
-    ( exec 3<>/dev/vda 4<>/dev/vdb ) 2>/dev/null || fail "cannot open /dev/vda and /dev/vdb"
-    exec 3<>/dev/vda 4<>/dev/vdb
-    # No periodic writeback: a block on /dev/vdb stays in the page cache until a sync (or the
-    # background threshold, 10% of RAM, far above what a run writes): "never flushed" is exact.
-    echo 0 > /proc/sys/vm/dirty_writeback_centisecs || fail "cannot turn periodic writeback off"
+    ( exec 3<>/dev/vda 4<>/dev/vdb 5<>/dev/vdc ) 2>/dev/null || fail "cannot open /dev/vda, vdb and vdc"
+    exec 3<>/dev/vda 4<>/dev/vdb 5<>/dev/vdc
+    # Periodic writeback an hour away: a block on /dev/vdc stays in the page cache until a sync (or
+    # the background threshold, 10% of RAM, far above what a run writes). Not 0, which turns the
+    # periodic flush off but, measured here, has the first pages of a device written back at once.
+    for knob in dirty_writeback_centisecs dirty_expire_centisecs; do
+        echo 360000 > "/proc/sys/vm/$knob" || fail "cannot set vm.$knob"
+    done
 fi
 
 # The event device shows up a little after insmod returns: wait for the power button's node.
@@ -246,15 +254,18 @@ done
 echo "{READY_MARKER}"
 [ -n "$writer" ] || idle
 
-# block DISK N: the header line of block N for DISK (flushed or cached), then the payload
+# block DISK N: the header line of block N for DISK (flushed, direct or cached), then the payload
 block() {{
     printf '%-{HEADER_SIZE - 1}s\\n' "AIOVIRT-BLOCK v1 disk=$1 seed=$writer seq=$2 sha256=$sum"
     cat /run/payload
 }}
 payload_awk='{_PAYLOAD_AWK}'
-a=$(blockdev --getsize64 /dev/vda) && b=$(blockdev --getsize64 /dev/vdb) || fail "blockdev failed"
-[ "$a" -lt "$b" ] || a=$b
-blocks=$((a / {BLOCK_SIZE}))
+blocks=
+for d in vda vdb vdc; do
+    size=$(blockdev --getsize64 "/dev/$d") || fail "blockdev --getsize64 /dev/$d failed"
+    size=$((size / {BLOCK_SIZE}))
+    if [ -z "$blocks" ] || [ "$size" -lt "$blocks" ]; then blocks=$size; fi
+done
 n=0
 while [ ! -e /run/writer.stop ]; do
     if [ "$n" -ge "$blocks" ]; then say "writer: the disks are full"; break; fi
@@ -265,9 +276,13 @@ while [ ! -e /run/writer.stop ]; do
     dd if=/run/block of=/dev/vda bs={BLOCK_SIZE} seek="$n" count=1 conv=notrunc,fsync 2>/dev/null \\
         || fail "writing block $n to /dev/vda failed"
     echo "{FLUSHED_PREFIX}$n"
-    block cached "$n" > /run/block
-    dd if=/run/block of=/dev/vdb bs={BLOCK_SIZE} seek="$n" count=1 conv=notrunc 2>/dev/null \\
+    block direct "$n" > /run/block
+    dd if=/run/block of=/dev/vdb bs={BLOCK_SIZE} seek="$n" count=1 conv=notrunc oflag=direct 2>/dev/null \\
         || fail "writing block $n to /dev/vdb failed"
+    echo "{DIRECT_PREFIX}$n"
+    block cached "$n" > /run/block
+    dd if=/run/block of=/dev/vdc bs={BLOCK_SIZE} seek="$n" count=1 conv=notrunc 2>/dev/null \\
+        || fail "writing block $n to /dev/vdc failed"
     echo "{WRITTEN_PREFIX}$n"
     n=$((n + 1))
 done
@@ -308,23 +323,25 @@ class TinyGuest:
         *,
         seed: int,
         flushed: Path,
+        direct: Path,
         cached: Path,
         image_format: Literal["raw", "qcow2"] = "qcow2",
         memory_mib: int = 128,
     ) -> DomainConfig:
-        """:meth:`domain_config` in writer mode, with ``flushed`` as ``/dev/vda`` and ``cached`` as
-        ``/dev/vdb`` (virtio, ``cache=writeback``, the images made beforehand).
+        """:meth:`domain_config` in writer mode, with ``flushed``, ``direct`` and ``cached`` as
+        ``/dev/vda``, ``vdb`` and ``vdc`` (virtio, ``cache=writeback``, the images made beforehand).
 
-        Once ready, the guest writes block 0, 1, 2... to both disks (see ``INIT_SCRIPT`` and
-        ``aiovirt.testing._blocks``): fsynced on ``flushed``, each followed by the console line
-        ``FLUSHED n``; never flushed on ``cached``, each followed by ``WRITTEN n``. It stops when the
-        smaller disk is full, or at a power-button press, which it then honours (``sync``, power off).
+        Once ready, the guest writes block 0, 1, 2... to the three disks (see ``INIT_SCRIPT`` and
+        ``aiovirt.testing._blocks``), each write followed by a console line: fsynced on ``flushed``
+        (``FLUSHED n``); with O_DIRECT and no flush on ``direct`` (``DIRECT n``); into the guest's
+        page cache on ``cached`` (``WRITTEN n``). It stops when the smallest disk is full, or at a
+        power-button press, which it then honours (``sync``, power off).
         """
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}")
         disks = [
             Disk(path=path, format=image_format, bus="virtio", cache="writeback")
-            for path in (flushed, cached)
+            for path in (flushed, direct, cached)
         ]
         return DomainConfig(
             name=name,

@@ -1,11 +1,11 @@
 """What each way of stopping a domain keeps on its disks: the tiny guest's writer, stopped at seeded instants.
 
-One *instant* boots the tiny guest in writer mode on two fresh qcow2 images (virtio,
+One *instant* boots the tiny guest in writer mode on three fresh qcow2 images (virtio,
 ``cache=writeback``), waits until it has reported a seeded number of fsynced blocks, waits a
 seeded fraction of a second more, and stops it in one of the :class:`StopWay` ways. Then, with
-QEMU gone, ``qemu-img check`` runs on both images and every block the console reported is read
-back: those reported ``FLUSHED`` from the first image, those reported ``WRITTEN`` (never flushed:
-only in the guest's page cache) from the second.
+QEMU gone, ``qemu-img check`` runs on every image and every block the console reported is read
+back from its image: ``FLUSHED`` (fsynced), ``DIRECT`` (written past the guest's page cache, so
+QEMU had it, never flushed) and ``WRITTEN`` (in the guest's page cache only).
 
 Used by ``tests/test_integrity.py`` (a few instants) and ``benchmarks/integrity.py`` (the table).
 Only aiovirt's public API drives the domain; the bare SIGKILL is the comparison aiovirt is not.
@@ -20,20 +20,34 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import anyio
 
 from .. import Connection, Domain, DomainState, StopPolicy
-from ._blocks import ImageCheck, block_problem, check_image, create_image, parse_console, read_image
+from ._blocks import Disk, ImageCheck, block_problem, check_image, create_image, parse_console, read_image
 from ._guest import MAX_SEED, TinyGuest
 
-__all__ = ["WAYS", "Instant", "Outcome", "StopWay", "instants", "run_instant", "summarize"]
+__all__ = [
+    "KINDS",
+    "WAYS",
+    "Instant",
+    "Kept",
+    "Outcome",
+    "StopWay",
+    "Summary",
+    "instants",
+    "run_instant",
+    "summarize",
+]
 
 #: Bound on every wait of one instant (boot, the writer's progress, the stop): a hang fails, never blocks.
 HANG = 180.0
 #: How long the stuck QEMU's SIGTERM is left pending before destroy sends SIGKILL.
 STUCK_TERM_TIMEOUT = 0.5
 IMAGE_MIB = 32  # 8192 blocks: a run writes a few hundred
+#: The three images, in the guest's disk order (vda, vdb, vdc).
+KINDS: tuple[Disk, ...] = ("flushed", "direct", "cached")
 
 
 class StopWay(str, enum.Enum):
@@ -55,23 +69,20 @@ class StopWay(str, enum.Enum):
 class WayInfo:
     call: str  # what is run, for the table
     aiovirt: bool  # False for the comparison that is not an aiovirt call
-    acpi: bool  # whether the guest gets its power-button shutdown (and so its sync)
+    #: What ends QEMU: the guest powering off (after its sync), SIGTERM, or SIGKILL.
+    ending: Literal["guest", "SIGTERM", "SIGKILL"]
 
 
 WAYS: dict[StopWay, WayInfo] = {
-    StopWay.ACPI: WayInfo("`dom.shutdown()`, wait for SHUTOFF", True, True),
-    StopWay.DESTROY_GRACEFUL: WayInfo("`dom.destroy(graceful=True)` (SIGTERM)", True, False),
+    StopWay.ACPI: WayInfo("`dom.shutdown()`, wait for SHUTOFF", True, "guest"),
+    StopWay.DESTROY_GRACEFUL: WayInfo("`dom.destroy(graceful=True)`", True, "SIGTERM"),
     StopWay.DESTROY_STUCK: WayInfo(
-        f"QEMU `kill -STOP`ped, `dom.destroy(timeout={STUCK_TERM_TIMEOUT})` (SIGTERM ignored, SIGKILL)",
-        True,
-        False,
+        f"QEMU `kill -STOP`ped, then `dom.destroy(timeout={STUCK_TERM_TIMEOUT})`", True, "SIGKILL"
     ),
-    StopWay.STOP_ALL: WayInfo("`conn.stop_all([dom], StopPolicy())`", True, True),
-    StopWay.STOP_ALL_GRACEFUL: WayInfo("`conn.stop_all([dom], StopPolicy(graceful=True))`", True, True),
-    StopWay.STOP_ALL_SIGNALS: WayInfo(
-        "`conn.stop_all([dom], StopPolicy(acpi_timeout=0))` (no ACPI stage: SIGTERM)", True, False
-    ),
-    StopWay.SIGKILL: WayInfo("bare `kill -KILL` of QEMU (not aiovirt: for comparison)", False, False),
+    StopWay.STOP_ALL: WayInfo("`conn.stop_all([dom], StopPolicy())`", True, "guest"),
+    StopWay.STOP_ALL_GRACEFUL: WayInfo("`conn.stop_all([dom], StopPolicy(graceful=True))`", True, "guest"),
+    StopWay.STOP_ALL_SIGNALS: WayInfo("`conn.stop_all([dom], StopPolicy(acpi_timeout=0))`", True, "SIGTERM"),
+    StopWay.SIGKILL: WayInfo("`kill -KILL` of QEMU, not aiovirt (for comparison)", False, "SIGKILL"),
 }
 
 
@@ -95,24 +106,43 @@ def instants(way: StopWay, count: int, seed: int) -> list[Instant]:
 
 
 @dataclass(frozen=True)
+class Kept:
+    """One image after one instant: the blocks the guest reported, and those not read back intact."""
+
+    reported: int
+    lost: tuple[tuple[int, str], ...]  # (block, what is wrong with it)
+    check: ImageCheck
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What one instant left on the images."""
 
     instant: Instant
-    flushed: int  # blocks reported FLUSHED
-    flushed_lost: tuple[tuple[int, str], ...]  # (block, what is wrong) for each not read back intact
-    written: int  # blocks reported WRITTEN (never flushed)
-    written_lost: int
-    checks: tuple[ImageCheck, ImageCheck]  # qemu-img check of the flushed and the cached image
+    images: dict[Disk, Kept]  # by kind, in KINDS order
     stop_stage: str | None  # the last request stop_all sent, for the stop_all ways
+    shutdown_reason: str | None  # QEMU's (dom.shutdown_reason): None when it was killed
 
     @property
     def images_clean(self) -> bool:
-        return all(check.clean for check in self.checks)
+        return all(kept.check.clean for kept in self.images.values())
 
     @property
     def leaked_clusters(self) -> int:
-        return sum(check.leaks for check in self.checks)
+        return sum(kept.check.leaks for kept in self.images.values())
+
+    def describe(self) -> str:
+        i = self.instant
+        parts = [
+            f"{kind} {len(k.lost)} lost of {k.reported}" + (f" {list(k.lost)[:3]}" if k.lost else "")
+            for kind, k in self.images.items()
+        ]
+        bad = [k.check.output for k in self.images.values() if not k.check.clean]
+        return (
+            f"{i.way} (seed {i.seed}, after {i.after_flushed} flushed + {i.delay:.2f} s): "
+            f"{'; '.join(parts)}; QEMU's shutdown reason {self.shutdown_reason}; "
+            f"leaked clusters {self.leaked_clusters}" + (f"; qemu-img check: {bad}" if bad else "")
+        )
 
 
 async def _wait_flushed(console: Path, count: int) -> None:
@@ -151,10 +181,12 @@ async def run_instant(
 ) -> Outcome:
     """Boot a writer on fresh images in ``workdir``, stop it at ``instant``, check what the images kept."""
     await anyio.Path(workdir).mkdir(parents=True, exist_ok=True)
-    flushed_image, cached_image = workdir / f"{name}-flushed.qcow2", workdir / f"{name}-cached.qcow2"
-    for image in (flushed_image, cached_image):
+    images = {kind: workdir / f"{name}-{kind}.qcow2" for kind in KINDS}
+    for image in images.values():
         await anyio.to_thread.run_sync(create_image, image, IMAGE_MIB)
-    config = guest.writer_config(name, seed=instant.seed, flushed=flushed_image, cached=cached_image)
+    config = guest.writer_config(
+        name, seed=instant.seed, flushed=images["flushed"], direct=images["direct"], cached=images["cached"]
+    )
     with anyio.fail_after(HANG):
         dom = await conn.create(config)
         console, pid = dom.console_path, dom.pid
@@ -172,29 +204,24 @@ async def run_instant(
     if dom.state is not DomainState.SHUTOFF:
         raise AssertionError(f"{name} is {dom.state} after {instant.way}")
     report = parse_console(await anyio.Path(console).read_text(errors="replace"))
-    return await anyio.to_thread.run_sync(
-        _check, instant, report.flushed, report.written, flushed_image, cached_image, stage
-    )
+    reported = {"flushed": report.flushed, "direct": report.direct, "cached": report.written}
+
+    def check() -> Outcome:
+        kept = {kind: _kept(images[kind], kind, reported[kind], instant.seed) for kind in KINDS}
+        return Outcome(instant, kept, stage, dom.shutdown_reason)
+
+    return await anyio.to_thread.run_sync(check)
 
 
-def _check(
-    instant: Instant,
-    flushed: frozenset[int],
-    written: frozenset[int],
-    flushed_image: Path,
-    cached_image: Path,
-    stage: str | None,
-) -> Outcome:
-    checks = (check_image(flushed_image), check_image(cached_image))
-    on_flushed = read_image(flushed_image, flushed)
+def _kept(image: Path, kind: Disk, reported: frozenset[int], seed: int) -> Kept:
+    check = check_image(image)
+    blocks = read_image(image, reported)
     lost = tuple(
         (n, problem)
-        for n in sorted(flushed)
-        if (problem := block_problem(on_flushed[n], instant.seed, n, "flushed")) is not None
+        for n in sorted(reported)
+        if (problem := block_problem(blocks[n], seed, n, kind)) is not None
     )
-    on_cached = read_image(cached_image, written)
-    written_lost = sum(block_problem(on_cached[n], instant.seed, n, "cached") is not None for n in written)
-    return Outcome(instant, len(flushed), lost, len(written), written_lost, checks, stage)
+    return Kept(len(reported), lost, check)
 
 
 @dataclass(frozen=True)
@@ -203,13 +230,12 @@ class Summary:
 
     way: StopWay
     instants: int
-    clean: int  # instants whose two images passed qemu-img check
-    flushed: int
-    flushed_lost: int
-    written: int
-    written_lost: int
+    clean: int  # instants whose images all passed qemu-img check
+    reported: dict[Disk, int]  # blocks reported, by kind
+    lost: dict[Disk, int]  # of those, not read back intact
     leaked_clusters: int
     stages: tuple[str, ...]  # the distinct stop_all stages seen
+    shutdown_reasons: tuple[str, ...]  # the distinct QEMU shutdown reasons seen ("none": killed)
 
 
 def summarize(outcomes: Sequence[Outcome]) -> list[Summary]:
@@ -224,12 +250,11 @@ def summarize(outcomes: Sequence[Outcome]) -> list[Summary]:
                 way=way,
                 instants=len(mine),
                 clean=sum(o.images_clean for o in mine),
-                flushed=sum(o.flushed for o in mine),
-                flushed_lost=sum(len(o.flushed_lost) for o in mine),
-                written=sum(o.written for o in mine),
-                written_lost=sum(o.written_lost for o in mine),
+                reported={kind: sum(o.images[kind].reported for o in mine) for kind in KINDS},
+                lost={kind: sum(len(o.images[kind].lost) for o in mine) for kind in KINDS},
                 leaked_clusters=sum(o.leaked_clusters for o in mine),
                 stages=tuple(sorted({o.stop_stage for o in mine if o.stop_stage is not None})),
+                shutdown_reasons=tuple(sorted({o.shutdown_reason or "none" for o in mine})),
             )
         )
     return rows
