@@ -51,7 +51,6 @@ from aiovirt.qmp._codec import (
     CodecState,
     Event,
     Greeting,
-    LocalProtocolError,
     Message,
     QMPCodec,
     Response,
@@ -464,17 +463,6 @@ def test_endless_flood_of_events_keeps_memory_bounded() -> None:
 
     assert len(events) > 6 << 20
     assert _peak_while(work) < 2 << 20
-
-
-def test_local_errors_stay_local() -> None:
-    """What the caller does wrong is LocalProtocolError, never confused with the peer's ProtocolError."""
-    codec = QMPCodec()
-    with pytest.raises(LocalProtocolError):
-        codec.send_command("query-status")
-    codec.receive_data(b"")
-    with pytest.raises(LocalProtocolError):
-        codec.receive_data(b"x")
-    assert not issubclass(LocalProtocolError, ProtocolError)
 
 
 # -- config: any value gives a config or ConfigError ----------------------------------------------
