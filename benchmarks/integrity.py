@@ -130,6 +130,14 @@ def _outcome_json(index: int, backend: str, o: Outcome) -> dict[str, Any]:
     }
 
 
+def _guest_manifest() -> Any:
+    """What the tiny guest was built from (its manifest.json: kernel package, recipe version...)."""
+    try:
+        return json.loads((ensure_tiny_guest().kernel.parent / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _version(argv: Sequence[str]) -> str:
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
@@ -188,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "python": platform.python_version(),
         "qemu": _version(["qemu-system-x86_64", "--version"]),
         "qemu_img": _version(["qemu-img", "--version"]),
-        "kernel": platform.release(),
+        "host_kernel": platform.release(),
+        "guest": _guest_manifest(),
         "instants": [_outcome_json(i, b, o) for i, b, o in results],
     }
     print(json.dumps(report, indent=1))
