@@ -346,3 +346,23 @@ def test_a_bad_uri_is_a_usage_error(child: Child, uri: str, message: str) -> Non
     result = child.run(f"--aiovirt-uri={uri}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: --aiovirt-uri: {message}"])
+
+
+@pytest.mark.parametrize("plugin", ["anyio", "asyncio"])
+def test_a_connection_that_cannot_open_is_a_setup_error(child: Child, plugin: str) -> None:
+    child.ini(STRICT_INI)
+    child.module(
+        "test_user",
+        ANYIO if plugin == "anyio" else ASYNCIO,
+        """
+        async def test_never_runs(aiovirt_connection):
+            raise AssertionError("must not run")
+        """,
+    )
+    result = child.run(
+        "-p",
+        f"no:{'asyncio' if plugin == 'anyio' else 'anyio'}",
+        "--aiovirt-uri=qemu:///embed?root=/proc/none",
+    )
+    result.assert_outcomes(errors=2 if plugin == "anyio" else 1)
+    result.stdout.fnmatch_lines(["*StateDirError: state directory '/proc/none': cannot use directory*"])
