@@ -146,6 +146,7 @@ def aiovirt_state_dir() -> Iterator[Path]:
         yield path
         _fail_on_leaks(path)
     finally:
+        # Best effort: what a test left there is not worth a second error (a leak is reported above).
         shutil.rmtree(path, ignore_errors=True)
 
 
