@@ -5,6 +5,8 @@
     AiovirtError
     ├── ConfigError                 a DomainConfig (or a value for one) is invalid     (also ValueError)
     ├── InvalidURIError             a connection URI is malformed or names no driver   (also ValueError)
+    ├── ConnectionClosedError       the connection was closed by its owner (trio's ClosedResourceError)
+    ├── ReadOnlyError               a change asked of a read-only connection
     ├── DomainNotFoundError         no domain of that name
     ├── DomainExistsError           a domain of that name (or UUID) already exists
     ├── InvalidStateError           the operation is not allowed in the domain's state
@@ -12,12 +14,18 @@
     ├── DestroyTimeoutError         graceful destroy: the process outlived SIGTERM's timeout
     ├── ProcessBusyError            even SIGKILL did not end the process (uninterruptible sleep)
     ├── EventsDroppedError          a subscriber fell behind and events were dropped for it
-    ├── QMPError                    anything about the QEMU monitor
-    │   ├── CommandError            QEMU answered a command with an error
-    │   ├── ConnectionLostError     the monitor closed (QEMU exited) or could not be reached
-    │   └── ProtocolError           the peer sent something that is not QMP
+    ├── QMPError                    anything QEMU's monitor answered
+    │   └── CommandError            QEMU answered a command with an error
+    ├── ConnectionLostError         a monitor or daemon went away or cannot be reached (trio's
+    │                               BrokenResourceError): the peer's doing, not the caller's
+    ├── ProtocolError               the peer sent something that is not its protocol (QMP, libvirt RPC)
+    ├── LocalProtocolError          aiovirt misused a codec: a bug in aiovirt      (also RuntimeError)
     └── StateDirError               the state directory cannot be used
         └── StateDirLockedError     another controller holds the state directory
+
+Closed versus lost follows trio: :class:`ConnectionClosedError` means the caller closed the
+connection and then used it (or one of its domains); :class:`ConnectionLostError` means the other
+side went away. Every exception shows as ``aiovirt.X`` in tracebacks.
 
 Every exception carries the objects that caused it as attributes (after qemu.qmp), so callers
 never parse messages. Timeouts chosen by the caller are anyio's own (``fail_after`` raises
@@ -35,6 +43,7 @@ __all__ = [
     "AiovirtError",
     "CommandError",
     "ConfigError",
+    "ConnectionClosedError",
     "ConnectionLostError",
     "DestroyTimeoutError",
     "DomainExistsError",
@@ -43,9 +52,11 @@ __all__ = [
     "InvalidStateError",
     "InvalidURIError",
     "LaunchError",
+    "LocalProtocolError",
     "ProcessBusyError",
     "ProtocolError",
     "QMPError",
+    "ReadOnlyError",
     "StateDirError",
     "StateDirLockedError",
 ]
@@ -74,6 +85,32 @@ class InvalidURIError(AiovirtError, ValueError):
         super().__init__(f"invalid connection URI {uri!r}: {problem}")
         self.uri = uri
         self.problem = problem
+
+
+class ConnectionClosedError(AiovirtError):
+    """The connection was closed (by leaving ``async with connect()``) and then used.
+
+    Raised at once by every operation of the connection and of its domains; nothing is sent.
+    ``uri`` is the connection's URI.
+    """
+
+    def __init__(self, uri: str, operation: str = "") -> None:
+        what = f"cannot {operation}: " if operation else ""
+        super().__init__(f"{what}the connection to {uri!r} is closed")
+        self.uri = uri
+        self.operation = operation
+
+
+class ReadOnlyError(AiovirtError):
+    """A read-only connection (``connect(uri, readonly=True)``) was asked to change something.
+
+    Nothing was sent or written: a read-only connection never signals, commands or writes.
+    """
+
+    def __init__(self, uri: str, operation: str) -> None:
+        super().__init__(f"cannot {operation}: the connection to {uri!r} is read-only")
+        self.uri = uri
+        self.operation = operation
 
 
 class DomainNotFoundError(AiovirtError, LookupError):
@@ -136,7 +173,7 @@ class DestroyTimeoutError(AiovirtError):
     Nothing more was sent to it; the domain keeps its state and can be destroyed again.
     """
 
-    def __init__(self, name: str, pid: int, timeout: float) -> None:
+    def __init__(self, name: str, pid: int | None, timeout: float) -> None:
         super().__init__(
             f"domain {name!r}: QEMU process {pid} did not exit within {timeout:g} s of SIGTERM "
             "(graceful destroy sends no SIGKILL)"
@@ -152,7 +189,7 @@ class ProcessBusyError(AiovirtError):
     ``proc_state`` is the kernel's state of the process (``/proc/PID/stat``), e.g. ``"D"``.
     """
 
-    def __init__(self, name: str, pid: int, proc_state: str, timeout: float) -> None:
+    def __init__(self, name: str, pid: int | None, proc_state: str, timeout: float) -> None:
         super().__init__(
             f"domain {name!r}: QEMU process {pid} survived SIGKILL for {timeout:g} s "
             f"(kernel state {proc_state!r}); it cannot be terminated now"
@@ -195,7 +232,7 @@ class CommandError(QMPError):
         self.desc = desc
 
 
-class ConnectionLostError(QMPError):
+class ConnectionLostError(AiovirtError):
     """The monitor connection closed or could not be established.
 
     ``command`` is the command that was waiting for a reply, if any; the underlying exception,
@@ -207,8 +244,9 @@ class ConnectionLostError(QMPError):
         self.command = command
 
 
-class ProtocolError(QMPError):
-    """The peer sent something that is not valid QMP (bad JSON, an over-long line, a bad greeting).
+class ProtocolError(AiovirtError):
+    """The peer sent something that is not valid for its protocol (QMP: bad JSON, an over-long line,
+    a bad greeting; libvirt RPC: a bad packet).
 
     ``data`` is the offending bytes (possibly truncated).
     """
@@ -216,6 +254,10 @@ class ProtocolError(QMPError):
     def __init__(self, message: str, data: bytes = b"") -> None:
         super().__init__(message)
         self.data = data
+
+
+class LocalProtocolError(AiovirtError, RuntimeError):
+    """aiovirt itself misused a sans-IO codec (sent out of turn, after the end): a bug, never the peer's."""
 
 
 class StateDirError(AiovirtError):
@@ -234,3 +276,9 @@ class StateDirLockedError(StateDirError):
         holder = f"process {pid}" if pid is not None else "another process"
         super().__init__(path, f"locked by {holder}; one controller per state directory")
         self.pid = pid
+
+
+# Public exceptions show as ``aiovirt.X`` in tracebacks, not as the private module they live in.
+for _name in __all__:
+    globals()[_name].__module__ = "aiovirt"
+del _name

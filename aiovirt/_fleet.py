@@ -36,15 +36,17 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
+import signal
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from ._errors import AiovirtError, InvalidStateError, QMPError
-from ._states import DomainState
+from ._errors import AiovirtError, ConfigError, ConnectionLostError, InvalidStateError, QMPError
+from ._states import DomainState, StateReason
+from .config._base import ConfigModel
 
 if TYPE_CHECKING:
     from ._domain import Domain
@@ -70,11 +72,9 @@ class StopStage(str, enum.Enum):
         return self.value
 
 
-class StopPolicy(BaseModel):
+class StopPolicy(ConfigModel):
     """How to stop domains. Defaults follow Nova (ACPI re-pressed every 10 s for 60 s) and libvirt
     (SIGTERM, 10 s, SIGKILL, up to 30 s). Times are seconds; ``acpi_timeout=0`` skips ACPI."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     graceful: bool = False
     """Never send SIGKILL: a domain that outlives SIGTERM is reported not stopped
@@ -103,6 +103,9 @@ class StopResult:
     reason: str | None  # QEMU's shutdown reason ("guest-shutdown", "host-signal"...), if there was one
     elapsed: float  # seconds from the call to the exit (or to giving up)
     error: AiovirtError | None = None
+    by_other: bool = False
+    """True when the action that ended it was not this call's (another task destroyed it): then
+    ``stage`` is that action (SIGTERM or SIGKILL), not the stage this call had reached."""
 
 
 async def stop_domain(
@@ -110,27 +113,46 @@ async def stop_domain(
 ) -> StopResult:
     """Run the stages for one domain. Never raises for the domain's own failures: they are in the result."""
     deadline_at = math.inf if policy.deadline is None else started_at + policy.deadline
-    stage = StopStage.NONE  # the last request sent
+    stage = StopStage.NONE  # the last request this call sent
+    stopped = False
 
     def result(error: AiovirtError | None = None) -> StopResult:
-        stopped = exited is not None and exited.is_set()
+        if not stopped:
+            return StopResult(dom.name, False, StopStage.NONE, None, anyio.current_time() - started_at, error)
+        ended_by, by_other = stage, False
+        if (
+            dom.reason is StateReason.DESTROYED
+            and stage is not StopStage.SIGTERM
+            and stage is not StopStage.SIGKILL
+        ):
+            # Someone else's destroy ended it: QEMU reports a SIGTERM as its own shutdown
+            # ("host-signal"); a SIGKILL leaves no such word.
+            by_other = True
+            ended_by = StopStage.SIGTERM if dom.shutdown_reason == "host-signal" else StopStage.SIGKILL
         return StopResult(
             dom.name,
-            stopped,
-            stage if stopped else StopStage.NONE,
-            dom.shutdown_reason if stopped else None,
+            True,
+            ended_by,
+            dom.shutdown_reason,
             anyio.current_time() - started_at,
-            None if stopped else error,
+            None,
+            by_other=by_other,
         )
 
-    exited = dom._exited
-    if not dom.active or exited is None:
-        exited = None
+    if not dom.active:
         return result(InvalidStateError(dom.name, "stop", dom.state, dom.reason))
+
+    async def wait_exit(timeout: float) -> bool:
+        with anyio.move_on_after(max(0.0, timeout)):
+            await dom.wait_for_state(DomainState.SHUTOFF)
+            return True
+        return False
 
     try:
         acpi = policy.acpi_timeout > 0
-        if dom.state == DomainState.PAUSED:
+        if dom.state == DomainState.PAUSED and dom.reason is StateReason.STARTING_UP:
+            acpi = False  # still starting: its guest has not run, a press would wait for it
+        elif dom.state == DomainState.PAUSED:
             if policy.paused == "report":
                 return result(InvalidStateError(dom.name, "stop", dom.state, dom.reason))
             if policy.paused == "signal" or not acpi:
@@ -138,7 +160,8 @@ async def stop_domain(
             else:
                 with contextlib.suppress(InvalidStateError):  # resumed or stopped by someone else
                     await _request(dom.resume, limiter, deadline_at)
-                if exited.is_set():
+                if not dom.active:
+                    stopped = True
                     return result()
                 # Still paused: it could not be resumed (its monitor did not answer): signals only.
                 acpi = dom.state != DomainState.PAUSED
@@ -153,21 +176,28 @@ async def stop_domain(
         if acpi:
             stage = StopStage.ACPI
             end = min(anyio.current_time() + acpi_t, deadline_at - (term_t + kill_t) * scale)
-            if await _press_until(dom, exited, end, policy.repress_interval, limiter):
+            if await _press_until(dom, end, policy.repress_interval, limiter, wait_exit):
+                stopped = True
                 return result()
 
         # No checkpoint from here to the SIGTERM: the process cannot exit unseen in between.
+        if not dom.active:
+            stopped = True
+            return result()
         now = anyio.current_time()
         term_wait = max(min(term_t, _MIN_SIGNAL_WAIT), min(term_t, deadline_at - kill_t * scale - now))
         kill_max = policy.kill_timeout
         kill_wait = max(min(kill_max, _MIN_SIGNAL_WAIT), min(kill_max, deadline_at - now - term_wait))
         stage = StopStage.SIGTERM
-        if await dom._terminate(policy.graceful, term_wait, kill_wait):
+        sent = await dom.destroy(policy.graceful, term_wait, kill_timeout=kill_wait)
+        stopped = True
+        if sent == signal.SIGKILL:
             stage = StopStage.SIGKILL
         return result()
     except AiovirtError as exc:
         # DestroyTimeoutError (graceful), ProcessBusyError (survived SIGKILL), or a state that
         # forbids the next step (someone else stopped or paused it meanwhile).
+        stopped = not dom.active and stage is not StopStage.NONE and isinstance(exc, InvalidStateError)
         return result(exc)
 
 
@@ -184,28 +214,32 @@ async def _request(call: Callable[[], Awaitable[None]], limiter: anyio.CapacityL
             with anyio.move_on_after(_REQUEST_HOLD):
                 try:
                     await call()
-                except QMPError:
+                except (QMPError, ConnectionLostError):
                     return False
                 return True
     return False
 
 
 async def _press_until(
-    dom: Domain, exited: anyio.Event, end: float, repress: float | None, limiter: anyio.CapacityLimiter
+    dom: Domain,
+    end: float,
+    repress: float | None,
+    limiter: anyio.CapacityLimiter,
+    wait_exit: Callable[[float], Awaitable[bool]],
 ) -> bool:
     """Press the power button (again every ``repress`` s) until ``end``. True if the process exited.
 
     Returns False early when the domain cannot take a press any more (someone paused it).
     """
-    while not exited.is_set() and anyio.current_time() < end:
+    while dom.active and anyio.current_time() < end:
         try:
             await _request(dom.shutdown, limiter, end)
         except InvalidStateError:
-            return exited.is_set()
+            return not dom.active
         next_press = end if repress is None else min(end, anyio.current_time() + repress)
-        with anyio.move_on_after(max(0.0, next_press - anyio.current_time())):
-            await exited.wait()
-    return exited.is_set()
+        if await wait_exit(next_press - anyio.current_time()):
+            return True
+    return not dom.active
 
 
 async def stop_all(
@@ -221,7 +255,7 @@ async def stop_all(
     call sends no further requests; exits are still observed and reaped by each domain's supervisor.
     """
     if limit < 1:
-        raise ValueError(f"limit must be at least 1, not {limit}")
+        raise ConfigError(f"limit must be at least 1, not {limit}", [("limit", "must be at least 1")])
     doms = list(domains)
     limiter = anyio.CapacityLimiter(limit)
     started_at = anyio.current_time()

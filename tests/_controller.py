@@ -28,6 +28,7 @@ import os
 import random
 import signal
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -35,7 +36,7 @@ import anyio
 import anyio.lowlevel
 
 import aiovirt
-import aiovirt._process
+import aiovirt.drivers.qemu._process
 import aiovirt.qmp._client
 
 EXPECTED = (
@@ -43,6 +44,7 @@ EXPECTED = (
     aiovirt.DomainExistsError,
     aiovirt.DomainNotFoundError,
     aiovirt.ConnectionLostError,
+    aiovirt.LaunchError,  # a start that another task's destroy ended ("destroyed while starting")
 )
 
 
@@ -96,15 +98,36 @@ async def hold(uri: str, fork: bool = False) -> None:
 
 async def die_at(uri: str, point: str, name: str) -> None:
     if point == "after-spawn":
-        spawn = aiovirt._process.Process.spawn
+        spawn = aiovirt.drivers.qemu._process.Process.spawn
 
-        def spawn_then_die(*args: Any, **kwargs: Any) -> aiovirt._process.Process:
+        def spawn_then_die(*args: Any, **kwargs: Any) -> aiovirt.drivers.qemu._process.Process:
             proc = spawn(*args, **kwargs)
             say("spawned", proc.pid)
             die()
             return proc
 
-        aiovirt._process.Process.spawn = spawn_then_die  # type: ignore[method-assign]
+        aiovirt.drivers.qemu._process.Process.spawn = spawn_then_die  # type: ignore[method-assign]
+    elif point == "before-exec":
+        # A controller killed between fork and exec: its child execs QEMU after the parent's death.
+        def fork_then_die(argv: Any, *, output_fd: int, pass_fds: Any = ()) -> Any:
+            child = os.fork()
+            if child == 0:
+                try:
+                    os.setsid()
+                    devnull = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(devnull, 0)
+                    os.dup2(output_fd, 1)  # let go of the test's pipes at once, as QEMU would
+                    os.dup2(output_fd, 2)
+                    time.sleep(1.0)
+                    for fd in pass_fds:
+                        os.set_inheritable(fd, True)
+                    os.execvp(argv[0], list(argv))
+                finally:
+                    os._exit(127)
+            say("forked", child)
+            die()
+
+        aiovirt.drivers.qemu._process.Process.spawn = fork_then_die  # type: ignore[method-assign]
     elif point == "before-cont":
         execute = aiovirt.qmp._client.QMPClient.execute
 

@@ -25,7 +25,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 import aiovirt
 from aiovirt import DomainState as S
 from aiovirt import StateReason as R
-from aiovirt._process import read_cmdline, read_identity
+from aiovirt.drivers.qemu._process import read_cmdline, read_identity
 
 from .conftest import none_config, pid_alive, qemu_pids
 from .test_reattach import (

@@ -13,7 +13,6 @@ import signal
 from collections.abc import Callable, Iterator, Sequence
 
 import anyio
-import pydantic
 import pytest
 
 import aiovirt
@@ -65,13 +64,12 @@ async def stuck_domain(conn: aiovirt.Connection, name: str) -> tuple[aiovirt.Dom
 def qmp_events(doms: Sequence[aiovirt.Domain]) -> Iterator[Callable[[], list[tuple[float, str, str]]]]:
     """QEMU's own monitor events of ``doms`` as (QEMU's timestamp, domain, event), sorted by time.
 
-    Through the domains' QMP clients (internals): the only way to see a press that a guest ignores.
+    Through ``Domain.monitor_events``: the only way to see a press that a guest ignores.
     """
     with contextlib.ExitStack() as stack:
         subs = {}
         for dom in doms:
-            assert dom._qmp is not None
-            subs[dom.name] = stack.enter_context(dom._qmp.subscribe())
+            subs[dom.name] = stack.enter_context(dom.monitor_events())
 
         def collected() -> list[tuple[float, str, str]]:
             out = []
@@ -152,7 +150,7 @@ async def test_mixed_fleet_graceful(conn: aiovirt.Connection, tiny_guest: TinyGu
 
     # Without graceful the same QEMU ends at SIGKILL (the pending SIGTERM never ran: no reason).
     with anyio.fail_after(HANG):
-        r = await stuck.stop(StopPolicy(acpi_timeout=1, term_timeout=1, kill_timeout=10))
+        r = (await conn.stop_all([stuck], StopPolicy(acpi_timeout=1, term_timeout=1, kill_timeout=10)))[0]
     assert (r.stopped, r.stage, r.reason, r.error) == (True, Stage.SIGKILL, None, None), r
     assert not pid_alive(stuck_pid)
     assert (stuck.state, stuck.reason) == (S.SHUTOFF, R.DESTROYED)
@@ -193,7 +191,9 @@ async def test_paused_domains_are_reported_or_signalled_never_pressed(conn: aiov
         assert left.state == S.PAUSED
 
         with qmp_events([signalled]) as monitor:
-            r = await signalled.stop(StopPolicy(paused="signal", acpi_timeout=30, term_timeout=5))
+            r = (
+                await conn.stop_all([signalled], StopPolicy(paused="signal", acpi_timeout=30, term_timeout=5))
+            )[0]
             assert (r.stopped, r.stage, r.reason) == (True, Stage.SIGTERM, "host-signal")
             assert "POWERDOWN" not in [name for _, _, name in monitor()]
         assert events_by_domain(events) == {"signalled": TERMINATED}  # no RESUMED, nothing for "left"
@@ -208,7 +208,7 @@ async def test_results_for_domains_that_are_not_running(conn: aiovirt.Connection
         ("on", True, Stage.SIGTERM),
     ]
     assert isinstance(results[0].error, aiovirt.InvalidStateError)
-    r = await off.stop()
+    r = (await conn.stop_all([off]))[0]
     assert (r.stopped, r.stage) == (False, Stage.NONE) and isinstance(r.error, aiovirt.InvalidStateError)
     assert await conn.stop_all() == []  # nothing active any more
 
@@ -230,7 +230,7 @@ async def test_repress_rescues_a_guest_pressed_before_it_was_ready(
     results: dict[str, StopResult] = {}
 
     async def stop(dom: aiovirt.Domain, policy: StopPolicy) -> None:
-        results[dom.name] = await dom.stop(policy)
+        results[dom.name] = (await conn.stop_all([dom], policy))[0]
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(stop, again, StopPolicy(acpi_timeout=180, repress_interval=1, graceful=True))
@@ -399,10 +399,14 @@ def test_stop_policy_is_validated() -> None:
         {"unknown": 1},
     ]
     for bad in invalid:
-        with pytest.raises(pydantic.ValidationError):
+        field = next(iter(bad))
+        with pytest.raises(aiovirt.ConfigError, match=f"StopPolicy: {field}") as info:
             StopPolicy.model_validate(bad)
+        assert [loc for loc, _ in info.value.errors] == [field]
+        with pytest.raises(aiovirt.ConfigError, match=field):
+            StopPolicy(**bad)
 
 
 async def test_limit_must_be_positive(conn: aiovirt.Connection) -> None:
-    with pytest.raises(ValueError, match="limit"):
+    with pytest.raises(aiovirt.ConfigError, match="limit"):
         await conn.stop_all(limit=0)

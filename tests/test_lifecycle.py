@@ -210,13 +210,13 @@ async def test_long_state_directory(tmp_path: Path) -> None:
 
 
 async def test_permissions(conn: aiovirt.Connection, state_root: Path) -> None:
-    async with conn.run(none_config("perm")) as dom:
+    async with conn.run(none_config("perm")):
         for d in (state_root, state_root / "domains", state_root / "run", state_root / "log"):
             assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
         for f in (
             state_root / "run" / "perm.qmp",
             state_root / "run" / "perm.json",
-            dom.log_path,
+            state_root / "log" / "perm.log",
             state_root / "lock",
         ):
             assert stat.S_IMODE(f.lstat().st_mode) == 0o600, f

@@ -485,7 +485,8 @@ def test_states() -> None:
 
 def test_local_errors_are_not_peer_errors() -> None:
     assert issubclass(LocalProtocolError, RuntimeError)
-    assert not issubclass(LocalProtocolError, AiovirtError)
+    assert issubclass(LocalProtocolError, AiovirtError)  # in the tree, but never a ProtocolError
+    assert not issubclass(LocalProtocolError, ProtocolError)
     assert not issubclass(ProtocolError, RuntimeError)
 
 

@@ -32,7 +32,7 @@ from aiovirt import DomainState as S
 from aiovirt import EventDetail as D
 from aiovirt import EventKind as K
 from aiovirt import StateReason as R
-from aiovirt._process import Process, read_identity
+from aiovirt.drivers.qemu._process import Process, read_identity
 
 from .conftest import none_config, pid_alive, qemu_pids
 
@@ -286,6 +286,25 @@ async def test_controller_crash_during_start(
         record = runtime_record(state_root, "half")
         assert (record["phase"], record["pid"]) == ("running", pid)
         await dom.destroy()
+
+
+async def test_controller_crash_between_fork_and_exec(anyio_backend: str, uri: str, state_root: Path) -> None:
+    """Killed after the fork but before the exec: the child execs QEMU a moment after its parent's
+    death, so the next controller may find a pid-less record and no QEMU yet. It must wait for it
+    (a short grace after the record was written), not call it gone: that would leave the QEMU
+    running unmanaged."""
+    lines = await run_controller(
+        anyio_backend, uri, "die-at", "before-exec", "late", returncode=-signal.SIGKILL
+    )
+    [forked] = lines
+    child = int(forked.split()[1])
+    assert runtime_record(state_root, "late")["phase"] == "starting"
+    assert qemu_pids(str(state_root)) == set()  # not exec'd yet
+    async with aiovirt.connect(uri) as conn:
+        dom = await conn.lookup("late")
+        assert (dom.state, dom.reason, dom.pid) == (S.RUNNING, R.BOOTED, child), dom
+        await dom.destroy()
+    assert qemu_pids(str(state_root)) == set()
 
 
 # -- QEMU dies while no controller runs; its pid is reused ------------------------------------------

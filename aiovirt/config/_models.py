@@ -31,6 +31,7 @@ __all__ = [
     "IDE_SLOTS",
     "MAX_MEMORY_MIB",
     "MAX_VCPUS",
+    "SUPERVISION_BREAKING_OPTIONS",
     "CacheMode",
     "Disk",
     "DomainConfig",
@@ -53,6 +54,17 @@ CacheMode = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
 """QEMU's (and libvirt's) five cache modes; see ``_render.CACHE_MODES`` for what each one sets."""
 
 _Loc = tuple[str | int, ...]
+
+SUPERVISION_BREAKING_OPTIONS = {
+    "daemonize": "QEMU would fork away from the process aiovirt supervises and outlive every destroy",
+    "no-shutdown": "QEMU would not exit when the guest powers off, so the domain would never shut off",
+    "uuid": "aiovirt sets -uuid itself: it is how a QEMU is recognised after a controller restart",
+    "S": "aiovirt starts every QEMU paused itself and resumes it once its monitor is connected",
+}
+"""``extra_args`` options refused with :class:`ConfigError`, and why. Allowed on purpose:
+``-pidfile`` (QEMU writes a file and stays our child), ``-runas`` and ``-chroot`` (QEMU drops
+privileges or changes root after it has opened its files and the monitor aiovirt passed it; the
+pidfd and signals keep working, and root can still signal it)."""
 
 
 # -- checks of single values ------------------------------------------------------------------
@@ -266,11 +278,16 @@ class DomainConfig(ConfigModel):
 
     extra_args: tuple[Annotated[str, Field(strict=True), AfterValidator(_check_arg)], ...] = ()
     """Arguments appended, unchanged and last, to QEMU's command line: an explicit escape hatch
-    that aiovirt does not interpret (they can break what aiovirt relies on)."""
+    that aiovirt does not interpret, except that options which break supervision are refused
+    (:data:`SUPERVISION_BREAKING_OPTIONS`)."""
 
     @model_validator(mode="after")
     def _check_combination(self) -> Self:
         problems: list[tuple[_Loc, str]] = []
+        for i, arg in enumerate(self.extra_args):
+            why = SUPERVISION_BREAKING_OPTIONS.get(arg.lstrip("-")) if arg.startswith("-") else None
+            if why is not None:
+                problems.append((("extra_args", i), f"{arg} is not allowed: {why}"))
         if self.kernel is None:
             if self.initrd is not None:
                 problems.append((("initrd",), "needs a kernel"))

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NoReturn, TypeAlias
 
-from .._errors import ProtocolError
+from .._errors import LocalProtocolError, ProtocolError
 
 __all__ = [
     "CLOSED",
@@ -45,10 +45,6 @@ _REPORT_BYTES: Final = 512
 # Commands shorter than this may be sent without an id (see send_command). QEMU's JSON parser
 # fails only beyond 1024 levels of nesting or 64 MiB tokens, impossible in 1 KiB.
 _ANON_MAX: Final = 1024
-
-
-class LocalProtocolError(RuntimeError):
-    """We (the caller of the codec) broke the protocol: a bug in the caller, never the peer's fault."""
 
 
 class Sentinel(enum.Enum):

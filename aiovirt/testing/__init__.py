@@ -9,11 +9,27 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ..drivers.test import GuestBehaviour, TestHost
     from ._guest import TinyGuest, TinyGuestBuildError, ensure_tiny_guest
+    from ._script import script_guest
 
-__all__ = ["TinyGuest", "TinyGuestBuildError", "ensure_tiny_guest"]
+__all__ = [
+    "GuestBehaviour",
+    "TestHost",
+    "TinyGuest",
+    "TinyGuestBuildError",
+    "ensure_tiny_guest",
+    "script_guest",
+]
 
-_LAZY = {"TinyGuest": "._guest", "TinyGuestBuildError": "._guest", "ensure_tiny_guest": "._guest"}
+_LAZY = {
+    "TinyGuest": "._guest",
+    "TinyGuestBuildError": "._guest",
+    "ensure_tiny_guest": "._guest",
+    "GuestBehaviour": "..drivers.test",
+    "TestHost": "..drivers.test",
+    "script_guest": "._script",
+}
 
 
 def __getattr__(name: str) -> Any:

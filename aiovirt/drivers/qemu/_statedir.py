@@ -5,7 +5,7 @@ under DIR, with ``RUN = DIR/run``)::
 
     ROOT/               0700
       lock              0600  POSIX-locked by the controller (fcntl); holds its pid
-      domains/NAME.json 0600  persistent definitions (format 1: {"format", "autostart", "config"})
+      domains/NAME.json 0600  persistent definitions (see _records for the formats)
       log/NAME.log      0600  QEMU's stdout and stderr, appended at every start
       log/NAME.console  0600  the serial console, when the config enables it
     RUN/                0700
@@ -29,7 +29,6 @@ import contextlib
 import errno
 import fcntl
 import itertools
-import json
 import os
 import socket
 import stat
@@ -37,15 +36,13 @@ import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 
-from ._errors import StateDirError, StateDirLockedError
+from ..._errors import StateDirError, StateDirLockedError
 
-__all__ = ["RECORD_FORMAT", "StateDir"]
+__all__ = ["StateDir"]
 
-RECORD_FORMAT = 1
 _MAX_RECORD = 16 << 20
 _SUN_PATH_MAX = 107
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -79,14 +76,28 @@ class StateDir:
         self._lock_fd: int | None = None
         self._lock_key = (0, 0)
         self._tmp_counter = 0
+        self.readonly = False
 
     # -- open / close -------------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Create the directories (0700), take the lock, remove stale temporary files."""
+    def open(self, *, readonly: bool = False) -> None:
+        """Create the directories (0700), take the lock, remove stale temporary files.
+
+        ``readonly`` opens what exists and takes no lock and creates nothing (a read-only
+        connection beside the controller): a missing directory reads as empty. The root and a
+        separate run directory may be symbolic links the user made (``/srv/vms -> /data/vms``);
+        nothing inside them is followed.
+        """
+        self.readonly = readonly
+        separate_run = self.root not in self.run.parents
         try:
             for d in (self.root, self.domains, self.logs, self.run):
-                self._fds[d] = self._open_dir(d)
+                follow = d == self.root or (d == self.run and separate_run)
+                if readonly and not d.is_dir():
+                    continue
+                self._fds[d] = self._open_dir(d, follow=follow, create=not readonly)
+            if readonly:
+                return
             self._take_lock()
             for d in (self.domains, self.run):
                 for name in self._listdir(d):
@@ -106,17 +117,18 @@ class StateDir:
             os.close(fd)
         self._fds.clear()
 
-    def _open_dir(self, path: Path) -> int:
+    def _open_dir(self, path: Path, *, follow: bool, create: bool) -> int:
         try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, _DIR_FLAGS)
+            if create:
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, _DIR_FLAGS & ~os.O_NOFOLLOW if follow else _DIR_FLAGS)
         except OSError as exc:
             raise StateDirError(str(path), f"cannot use directory: {exc.strerror}") from exc
         st = os.fstat(fd)
         if st.st_uid != os.geteuid():
             os.close(fd)
             raise StateDirError(str(path), f"owned by uid {st.st_uid}, not by us (uid {os.geteuid()})")
-        if stat.S_IMODE(st.st_mode) != 0o700:
+        if stat.S_IMODE(st.st_mode) != 0o700 and create:
             os.fchmod(fd, 0o700)  # ours, but made by someone with a looser umask
         return fd
 
@@ -158,6 +170,8 @@ class StateDir:
             raise StateDirError(str(self.root), "not open") from None
 
     def _listdir(self, d: Path) -> list[str]:
+        if self.readonly and d not in self._fds:
+            return []  # read-only: a directory the controller has not made yet
         return os.listdir(self._fd(d))
 
     def _open_file(self, d: Path, name: str, flags: int) -> int:
@@ -171,9 +185,21 @@ class StateDir:
 
     # -- records ------------------------------------------------------------------------------
 
-    def _write(self, d: Path, name: str, record: dict[str, Any], *, durable: bool) -> None:
+    def _check_writable(self, d: Path) -> None:
+        if self.readonly:
+            raise StateDirError(str(d), "opened read-only; nothing is written")
+
+    def _write(self, d: Path, name: str, data: bytes, *, durable: bool) -> None:
+        """Atomic replace of ``d/name``. A failure (a full disk) leaves the old record as it was and
+        raises :class:`StateDirError` naming the file and the cause."""
+        self._check_writable(d)
+        try:
+            self._write_atomically(d, name, data, durable=durable)
+        except OSError as exc:
+            raise StateDirError(str(d / name), f"cannot write: {exc.strerror or exc}") from exc
+
+    def _write_atomically(self, d: Path, name: str, data: bytes, *, durable: bool) -> None:
         dirfd = self._fd(d)
-        data = json.dumps({"format": RECORD_FORMAT, **record}, indent=2, sort_keys=True).encode() + b"\n"
         self._tmp_counter += 1
         tmp = f".{name}.{os.getpid()}.{self._tmp_counter}.tmp"
         fd = os.open(
@@ -210,6 +236,7 @@ class StateDir:
         It is kept for whoever investigates, never deleted nor overwritten, and no longer read as
         a record. A symlink is renamed itself, never followed. Returns the new path.
         """
+        self._check_writable(path.parent)
         dirfd = self._fd(path.parent)
         for n in itertools.count(1):
             aside = f"{path.name}.corrupt" + (f"-{n}" if n > 1 else "")
@@ -225,6 +252,7 @@ class StateDir:
         return [d / e for e in sorted(self._listdir(d)) if ".json.corrupt" in e and not e.startswith(".")]
 
     def _remove(self, d: Path, name: str, *, durable: bool) -> None:
+        self._check_writable(d)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self._fd(d))
         if durable:
@@ -245,11 +273,9 @@ class StateDir:
     def read_definition(self, name: str) -> bytes:
         return self._read(self.domains, f"{name}.json")
 
-    async def write_definition(self, name: str, record: dict[str, Any]) -> None:
+    async def write_definition(self, name: str, data: bytes) -> None:
         """Durable and atomic; the fsyncs run in a worker thread to keep the event loop free."""
-        await anyio.to_thread.run_sync(
-            lambda: self._write(self.domains, f"{name}.json", record, durable=True)
-        )
+        await anyio.to_thread.run_sync(lambda: self._write(self.domains, f"{name}.json", data, durable=True))
 
     async def remove_definition(self, name: str) -> None:
         await anyio.to_thread.run_sync(lambda: self._remove(self.domains, f"{name}.json", durable=True))
@@ -263,8 +289,8 @@ class StateDir:
     def read_runtime(self, name: str) -> bytes:
         return self._read(self.run, f"{name}.json")
 
-    def write_runtime(self, name: str, record: dict[str, Any]) -> None:
-        self._write(self.run, f"{name}.json", record, durable=False)
+    def write_runtime(self, name: str, data: bytes) -> None:
+        self._write(self.run, f"{name}.json", data, durable=False)
 
     def remove_runtime(self, name: str) -> None:
         self._remove(self.run, f"{name}.json", durable=False)
