@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import shutil
+import struct
 import tempfile
 import tracemalloc
 import uuid
@@ -56,6 +57,10 @@ from aiovirt.qmp._codec import (
     QMPCodec,
     Response,
 )
+from aiovirt.rpc import _codec as rpc_codec
+from aiovirt.rpc import _protocol as rpc_protocol
+from aiovirt.rpc._codec import encode_packet
+from aiovirt.rpc._xdr import Packer, XDRDecodeError
 
 
 def _examples_from_env() -> int:
@@ -464,6 +469,192 @@ def test_endless_flood_of_events_keeps_memory_bounded() -> None:
 
     assert len(events) > 6 << 20
     assert _peak_while(work) < 2 << 20
+
+
+# -- libvirt RPC: packets from a daemon ------------------------------------------------------------
+
+_RPC_PROGRAMS = [rpc_protocol.Program.REMOTE, rpc_protocol.Program.QEMU]
+
+
+def _xdr_string(text: str) -> bytes:
+    data = text.encode()
+    return struct.pack(">I", len(data)) + data + bytes(-len(data) % 4)
+
+
+_XDR_TOKENS = st.one_of(
+    st.integers(0, 2**32 - 1).map(lambda v: struct.pack(">I", v)),
+    st.sampled_from([0, 1, 2, 3, 4, 16, 0xFFFFFFFF, 0x7FFFFFFF, 4 << 20]).map(lambda v: struct.pack(">I", v)),
+    st.binary(max_size=12),
+    st.text(max_size=6).map(_xdr_string),
+    st.just(b"\xff\xfe\x00\x00"),
+    st.just(bytes(16)),
+)
+xdr_bodies = st.lists(_XDR_TOKENS, max_size=12).map(b"".join)
+
+
+def _remote_error_body(draw: st.DrawFn) -> bytes:
+    packer = Packer()
+    rpc_protocol.RemoteError(
+        code=draw(st.integers(-(2**31), 2**31 - 1)),
+        domain=draw(st.integers(0, 100)),
+        message=draw(st.none() | st.text(max_size=20)),
+        level=draw(st.integers(0, 2)),
+        str1=draw(st.none() | st.text(max_size=5)),
+    ).pack(packer)
+    return packer.getvalue()
+
+
+@st.composite
+def rpc_conversations(draw: st.DrawFn) -> tuple[list[tuple[int, int]], bytes, list[Any]]:
+    """(calls to send, the daemon's bytes, the events the client must see)."""
+    calls: list[tuple[int, int]] = [
+        (draw(st.sampled_from(_RPC_PROGRAMS)), draw(st.integers(1, 400)))
+        for _ in range(draw(st.integers(0, 6)))
+    ]
+    items: list[tuple[str, int]] = [("reply", i) for i in draw(st.permutations(range(len(calls))))]
+    for _ in range(draw(st.integers(0, 6))):
+        items.insert(
+            draw(st.integers(0, len(items))), (draw(st.sampled_from(["message", "ping", "pong"])), 0)
+        )
+    stream, expected = b"", list[Any]()
+    MT, MS, P = rpc_protocol.MessageType, rpc_protocol.MessageStatus, rpc_protocol.Program
+    for kind, i in items:
+        if kind == "reply":
+            program, procedure = calls[i]
+            if draw(st.booleans()):
+                body = draw(xdr_bodies)
+                stream += encode_packet(program, procedure, MT.REPLY, i, MS.OK, body)
+                expected.append(rpc_codec.Reply(i, procedure, body, program))
+            else:
+                body = _remote_error_body(draw)
+                stream += encode_packet(program, procedure, MT.REPLY, i, MS.ERROR, body)
+                expected.append(
+                    rpc_codec.ErrorReply(i, procedure, rpc_protocol.decode_remote_error(body), program)
+                )
+        elif kind == "message":
+            program, procedure, body = (
+                draw(st.sampled_from(_RPC_PROGRAMS)),
+                draw(st.integers(0, 400)),
+                draw(xdr_bodies),
+            )
+            stream += encode_packet(
+                program, procedure, MT.MESSAGE, draw(st.integers(0, 2**32 - 1)), MS.OK, body
+            )
+            expected.append(rpc_codec.Message(procedure, body, program))
+        else:
+            procedure = (
+                rpc_protocol.KeepaliveProcedure.PING
+                if kind == "ping"
+                else rpc_protocol.KeepaliveProcedure.PONG
+            )
+            stream += encode_packet(P.KEEPALIVE, procedure, MT.MESSAGE, 0)
+            expected.append(rpc_codec.KeepalivePing() if kind == "ping" else rpc_codec.KeepalivePong())
+    return calls, stream, expected
+
+
+@budget(300)
+@given(rpc_conversations(), st.data())
+def test_rpc_any_valid_stream_in_any_chunks(
+    conv: tuple[list[tuple[int, int]], bytes, list[Any]], data: st.DataObject
+) -> None:
+    calls, stream, expected = conv
+    codec = rpc_codec.RPCCodec()
+    assert [codec.send_call(procedure, program=program)[0] for program, procedure in calls] == list(
+        range(len(calls))
+    )
+    got = []
+    for chunk in _chunks(stream, data.draw(st.lists(st.integers(0, len(stream)), max_size=20))):
+        codec.receive_data(chunk)
+        while (event := codec.next_event()) is not rpc_codec.NEED_DATA:
+            got.append(event)
+    codec.receive_data(b"")
+    assert codec.next_event() is rpc_codec.CLOSED
+    assert got == expected
+    assert codec.pending_serials == frozenset()
+
+
+@st.composite
+def hostile_rpc_streams(draw: st.DrawFn) -> bytes:
+    MT, MS = rpc_protocol.MessageType, rpc_protocol.MessageStatus
+    out = b""
+    for _ in range(draw(st.integers(1, 6))):
+        how = draw(st.sampled_from(["valid", "valid", "packet", "packet", "length", "junk"]))
+        if how == "valid":  # a reply to one of the calls 0-2 (procedures 1-3), an event, a ping
+            serial = draw(st.integers(0, 2))
+            out += draw(
+                st.sampled_from(
+                    [
+                        encode_packet(rpc_protocol.Program.REMOTE, serial + 1, MT.REPLY, serial, MS.OK),
+                        encode_packet(rpc_protocol.Program.REMOTE, 7, MT.MESSAGE, 1, MS.OK, b"\0" * 8),
+                        encode_packet(rpc_protocol.Program.KEEPALIVE, 1, MT.MESSAGE, 0),
+                    ]
+                )
+            )
+        elif how == "junk":
+            out += draw(st.binary(max_size=40))
+        elif how == "length":
+            out += struct.pack(
+                ">I",
+                draw(
+                    st.sampled_from(
+                        [0, 1, 27, 28, 29, rpc_protocol.PACKET_MAX, rpc_protocol.PACKET_MAX + 1, 2**32 - 1]
+                    )
+                ),
+            )
+        else:
+            program = draw(
+                st.sampled_from([*_RPC_PROGRAMS, rpc_protocol.Program.KEEPALIVE]) | st.integers(0, 2**32 - 1)
+            )
+            out += encode_packet(
+                program,
+                draw(st.integers(0, 3) | st.integers(-(2**31), 2**31 - 1)),
+                draw(st.sampled_from(list(MT)) | st.integers(-(2**31), 2**31 - 1)),
+                draw(st.integers(0, 4) | st.integers(0, 2**32 - 1)),
+                draw(st.sampled_from(list(MS)) | st.integers(-(2**31), 2**31 - 1)),
+                draw(xdr_bodies),
+                version=draw(st.sampled_from([1, 1, 0, 2])),
+            )
+    return out
+
+
+@budget(400)
+@given(hostile_rpc_streams(), st.data())
+def test_rpc_garbage_raises_protocol_error_only(stream: bytes, data: st.DataObject) -> None:
+    codec = rpc_codec.RPCCodec()
+    for procedure in range(1, 4):  # pending serials 0, 1, 2 for replies to match, or not
+        codec.send_call(procedure)
+    error: ProtocolError | None = None
+    chunks = _chunks(stream, data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    for chunk in [*chunks, b""]:
+        codec.receive_data(chunk)
+        while True:
+            event = attempt(codec.next_event, ProtocolError)
+            if isinstance(event, ProtocolError):
+                assert error is None or event is error
+                error = event
+                assert codec.state is rpc_codec.CodecState.ERROR and len(event.data) <= 512
+                break
+            assert error is None, f"{event!r} after {error!r}"
+            if event is rpc_codec.NEED_DATA or event is rpc_codec.CLOSED:
+                break
+            assert isinstance(event, (rpc_codec.Reply, rpc_codec.ErrorReply, rpc_codec.Message,
+                                      rpc_codec.KeepalivePing, rpc_codec.KeepalivePong))  # fmt: skip
+
+
+_DECODERS = [
+    rpc_protocol.decode_void, rpc_protocol.decode_int, rpc_protocol.decode_uhyper, rpc_protocol.decode_string,
+    rpc_protocol.decode_dom, rpc_protocol.decode_auth_list, rpc_protocol.decode_list_all_domains,
+    rpc_protocol.decode_domain_info, rpc_protocol.decode_domain_state, rpc_protocol.decode_lifecycle_event,
+    rpc_protocol.decode_remote_error,
+]  # fmt: skip
+
+
+@budget(400)
+@given(st.sampled_from(_DECODERS), xdr_bodies | st.binary(max_size=100))
+def test_rpc_payloads_decode_or_raise_xdr_errors_only(decode: Callable[[bytes], Any], body: bytes) -> None:
+    """Each reply and event payload a daemon sends: its value, or XDRDecodeError (which the client
+    turns into a ProtocolError), never another exception."""
+    attempt(lambda: decode(body), XDRDecodeError)
 
 
 # -- config: any value gives a config or ConfigError ----------------------------------------------
