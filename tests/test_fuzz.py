@@ -98,11 +98,20 @@ json_scalar = (
     | st.floats(allow_nan=False)
     | st.text(max_size=12)
 )
-json_value = st.recursive(
-    json_scalar,
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
-    max_leaves=12,
-)
+
+
+def nested(
+    keys: st.SearchStrategy[str], size: int
+) -> Callable[[st.SearchStrategy[Any]], st.SearchStrategy[Any]]:
+    """What st.recursive extends with: lists and objects (keys from ``keys``) of up to ``size`` items."""
+
+    def extend(kids: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        return st.lists(kids, max_size=size) | st.dictionaries(keys, kids, max_size=size)
+
+    return extend
+
+
+json_value = st.recursive(json_scalar, nested(st.text(max_size=8), 4), max_leaves=12)
 json_object = st.dictionaries(st.text(max_size=8), json_value, max_size=4)
 
 
@@ -232,11 +241,7 @@ qmp_keys = st.sampled_from(
 hostile_scalar = json_scalar | st.sampled_from(
     [1e308, -1e308, float("inf"), 10**300, -(2**63), 2**64, "c1", ""]
 )
-qmp_shaped = st.recursive(
-    hostile_scalar,
-    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(qmp_keys, kids, max_size=4),
-    max_leaves=10,
-)
+qmp_shaped = st.recursive(hostile_scalar, nested(qmp_keys, 4), max_leaves=10)
 
 
 def _check_message(msg: Message) -> None:
@@ -667,7 +672,7 @@ anything = st.recursive(
     | st.text(max_size=10)
     | st.binary(max_size=6)
     | st.sampled_from(["\ud800", "\x00", "/a\nb", "", " ", "-1", "1e3", "pc", "virtio", "qcow2"]),
-    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+    nested(st.text(max_size=6), 3),
     max_leaves=6,
 )
 hostile_text = st.text(
