@@ -498,13 +498,14 @@ xdr_bodies = st.lists(_XDR_TOKENS, max_size=12).map(b"".join)
 
 
 def _remote_error_body(draw: st.DrawFn) -> bytes:
+    text = st.text(st.characters(exclude_characters="\x00"), max_size=20)  # libvirt's strings carry no NUL
     packer = Packer()
     rpc_protocol.RemoteError(
         code=draw(st.integers(-(2**31), 2**31 - 1)),
         domain=draw(st.integers(0, 100)),
-        message=draw(st.none() | st.text(max_size=20)),
+        message=draw(st.none() | text),
         level=draw(st.integers(0, 2)),
-        str1=draw(st.none() | st.text(max_size=5)),
+        str1=draw(st.none() | text),
     ).pack(packer)
     return packer.getvalue()
 
