@@ -113,16 +113,16 @@ def run(args: argparse.Namespace) -> int:
         try:
             code = anyio.run(_amain, ctx, backend=backend)
         except BaseException as raised:
-            exc = _unwrap(raised)
-            if isinstance(exc, KeyboardInterrupt):
+            failure = _unwrap(raised)
+            if isinstance(failure, KeyboardInterrupt):
                 out.error("interrupted")
                 return EXIT_INTERRUPTED
-            if isinstance(exc, _EXPECTED):
-                _report(exc, args, out)
+            if isinstance(failure, _EXPECTED):
+                _report(failure, args, out)
                 return EXIT_FAILED
-            if not isinstance(exc, Exception):
+            if not isinstance(failure, Exception):
                 raise
-            _report(exc, args, out, bug=True)
+            _report(failure, args, out, bug=True)
             return EXIT_FAILED
         if code == EXIT_INTERRUPTED and ctx.interrupts.received and args.verb != "stop-all":
             out.error("interrupted")

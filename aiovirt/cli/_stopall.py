@@ -114,7 +114,9 @@ class StopProgress:
         return now - self.started_at
 
     def stage_counts(self, now: float) -> dict[aiovirt.StopStage, int]:
-        counts = {s: 0 for s in (aiovirt.StopStage.ACPI, aiovirt.StopStage.SIGTERM, aiovirt.StopStage.SIGKILL)}
+        counts = {
+            s: 0 for s in (aiovirt.StopStage.ACPI, aiovirt.StopStage.SIGTERM, aiovirt.StopStage.SIGKILL)
+        }
         elapsed = self.elapsed(now)
         for name in self.names:
             if name not in self.results:
@@ -166,11 +168,10 @@ def render_panel(progress: StopProgress, now: float, *, done: bool = False) -> R
         timing = f"{format_seconds(left)} left of the {progress.policy.deadline:g} s deadline"
     else:
         timing = f"at most {format_seconds(left)} left (no deadline)"
-    grid.add_row("time", timing)
     mode = "graceful: no SIGKILL" if progress.policy.graceful else "ACPI, SIGTERM, SIGKILL"
     title = Text(f"Stopping {total} domain{'s' if total != 1 else ''} ({mode})", style="bold")
     bar = ProgressBar(total=max(total, 1), completed=len(progress.results), width=40)
-    return Group(title, grid, bar)
+    return Group(title, grid, bar, Text(timing))
 
 
 def summary_table(progress: StopProgress, now: float) -> Table:
@@ -182,7 +183,9 @@ def summary_table(progress: StopProgress, now: float) -> Table:
             outcome = Text("stopped", style="green")
         else:
             outcome = Text("interrupted" if interrupted else "NOT stopped", style="red")
-        error = "stop-all interrupted (Ctrl-C)" if interrupted else (str(result.error) if result.error else "")
+        error = (
+            "stop-all interrupted (Ctrl-C)" if interrupted else (str(result.error) if result.error else "")
+        )
         table.add_row(
             result.name,
             outcome,

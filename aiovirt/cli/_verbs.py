@@ -19,13 +19,13 @@ from pathlib import Path
 import anyio
 
 import aiovirt
-from aiovirt.config import dump_config, load_config, to_libvirt_xml
+from aiovirt.config import ConfigFormat, dump_config, load_config, to_libvirt_xml
 
 from ._args import VERBS
 from ._interrupt import Interrupts
 from ._output import Output, format_bytes, format_seconds
 from ._session import open_connection
-from ._shapes import CliError, action_shape, domain_shape, event_shape, info_shape, list_shape, state_shape
+from ._shapes import CliError, action_shape, event_shape, info_shape, list_shape, state_shape
 
 __all__ = ["HANDLERS", "Context"]
 
@@ -134,7 +134,7 @@ async def verb_domstate(ctx: Context) -> int:
 async def verb_dumpconfig(ctx: Context) -> int:
     async with ctx.open() as conn:
         dom = await conn.lookup(ctx.args.domain)
-        fmt = "json" if ctx.out.json_mode else ctx.args.format
+        fmt: ConfigFormat = "json" if ctx.out.json_mode or ctx.args.format == "json" else "toml"
         ctx.out.stdout.write(dump_config(dom.config, fmt))
         ctx.out.stdout.flush()
     return 0
@@ -271,12 +271,19 @@ async def verb_console_log(ctx: Context) -> int:
         dom = await conn.lookup(ctx.args.domain)
         path = dom.console_path
         if path is None:
-            raise CliError("NoConsole", f"domain '{dom.name}' has no serial console (its config has console = false)")
+            raise CliError(
+                "NoConsole", f"domain '{dom.name}' has no serial console (its config has console = false)"
+            )
 
         def emit(data: bytes, *, lines: bool) -> None:
             if out.json_mode:
                 text = data.decode("utf-8", errors="replace")
-                out.json({"name": dom.name, "text": text} if lines else {"name": dom.name, "path": str(path), "text": text}, lines=lines)
+                out.json(
+                    {"name": dom.name, "text": text}
+                    if lines
+                    else {"name": dom.name, "path": str(path), "text": text},
+                    lines=lines,
+                )
             else:
                 out.raw(data)  # as cat does: the guest's bytes, unchanged
 
@@ -315,12 +322,16 @@ async def verb_event(ctx: Context) -> int:
     out = ctx.out
     count = 0
     async with ctx.open() as conn:
-        if a.domain is not None:
-            subscription = (await conn.lookup(a.domain)).subscribe()
-        else:
-            subscription = conn.subscribe()
+        target = None if a.domain is None else await conn.lookup(a.domain)
+        subscription = conn.subscribe() if target is None else target.subscribe()
         async with subscription as sub:
-            with ctx.interrupts.scope(), anyio.move_on_after(math.inf if a.timeout is None else a.timeout):
+            whose = f"domain '{a.domain}'" if a.domain is not None else "every domain"
+            # Said once subscribed: from here on no event is missed (scripts may wait for it).
+            out.note(f"waiting for events of {whose} (Ctrl-C ends)")
+            with (
+                ctx.interrupts.scope() as scope,
+                anyio.move_on_after(math.inf if a.timeout is None else a.timeout),
+            ):
                 while True:
                     try:
                         event = await sub.receive()
@@ -336,13 +347,14 @@ async def verb_event(ctx: Context) -> int:
                         out.line(_event_line(event))
                     if not a.loop:
                         break
-    if not out.json_mode:
-        out.note(f"events received: {count}")
-    if count == 0 and not a.loop:
-        if a.timeout is None:
-            raise CliError("NoEvent", "the connection closed before any event")
-        raise TimeoutError(f"no event within {a.timeout:g} s")
-    return 0
+    out.note(f"events received: {count}")
+    if a.loop or count:
+        return 0
+    if scope.cancelled_caught:
+        return 130  # Ctrl-C while waiting for the one event
+    if a.timeout is None:
+        raise CliError("NoEvent", "the connection closed before any event")
+    raise TimeoutError(f"no event within {a.timeout:g} s")
 
 
 async def verb_stop_all(ctx: Context) -> int:
