@@ -259,8 +259,8 @@ def _shape(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 def test_bad_input(tmp_path: Path, cli_uri: str) -> None:
     uri = cli_uri
-    # an unknown domain, for every verb that names one
-    for verb in ("start", "dominfo", "domstate", "destroy", "undefine", "dumpxml", "console-log"):
+    # an unknown domain (every verb is checked in-process on test:///, in test_cli_unit)
+    for verb in ("start", "dominfo"):
         proc = failing(verb, "nope", "--json", uri=uri)
         assert proc.stderr.strip() == "error: domain 'nope' not found"
         assert _shape(proc) == {
@@ -268,7 +268,6 @@ def test_bad_input(tmp_path: Path, cli_uri: str) -> None:
             "message": "domain 'nope' not found",
             "domain": "nope",
         }
-    assert failing("stop-all", "nope", uri=uri).stderr.strip() == "error: domain 'nope' not found"
 
     # a config file with a bad field: the error names the file and the field
     bad = tmp_path / "bad.toml"
@@ -292,12 +291,9 @@ def test_bad_input(tmp_path: Path, cli_uri: str) -> None:
     proc = failing("list", "--json", uri=f"qemu:///embed?root={blocker}/state")
     assert str(blocker) in proc.stderr and _shape(proc)["kind"] == "StateDirError"
 
-    # usage errors: exit 2 from argparse, with its usage line
-    for argv in (["frobnicate"], ["list", "--bogus"], ["start"], ["destroy", "x", "--timeout", "-1"]):
-        proc = run_cli(*argv, uri=uri)
-        assert proc.returncode == 2 and "usage: aiovirt" in proc.stderr, argv
-    proc = run_cli("stop-all", "--limit", "0", uri=uri)
-    assert proc.returncode == 2 and "must be at least 1" in proc.stderr
+    # usage errors: exit 2 from argparse, with its usage line (more in test_cli_unit)
+    proc = run_cli("destroy", "x", "--timeout", "-1", uri=uri)
+    assert proc.returncode == 2 and "usage: aiovirt destroy" in proc.stderr
 
     # a state that forbids the operation
     define_none(tmp_path, uri, "off")
