@@ -32,6 +32,7 @@ from ._errors import (
     ProcessBusyError,
     ProtocolError,
     QMPError,
+    ReadOnlyError,
     StateDirError,
     StateDirLockedError,
 )
@@ -95,6 +96,7 @@ __all__ = [
     "ProcessBusyError",
     "ProtocolError",
     "QMPError",
+    "ReadOnlyError",
     "StateDirError",
     "StateDirLockedError",
     "StateProblem",

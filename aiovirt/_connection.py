@@ -123,7 +123,7 @@ class Connection:
         not raised. ``limit`` bounds concurrent QMP requests, never the waiting. ``on_result`` sees
         each result as it completes. Cancellation sends no further signal.
         """
-        self._table.check_open("stop domains")
+        self._table.check_writable("stop domains")
         targets = (
             self._table.domains(active=True)
             if domains is None
@@ -141,27 +141,34 @@ class Connection:
             await self._driver.aclose()
 
 
-async def _open_driver(parsed: ParsedURI) -> contextlib.AbstractAsyncContextManager[Driver]:
+def _open_driver(parsed: ParsedURI, readonly: bool) -> contextlib.AbstractAsyncContextManager[Driver]:
+    # Imported on first use: a test:/// user never loads the QEMU machinery, and the reverse.
     if parsed.scheme == "test":
         from .drivers.test import TestDriver
 
-        return TestDriver.open(parsed)
+        return TestDriver.open(parsed, readonly=readonly)
     from .drivers.qemu import QemuDriver
 
-    return QemuDriver.open(parsed)
+    return QemuDriver.open(parsed, readonly=readonly)
 
 
 @asynccontextmanager
-async def connect(uri: str | None = None) -> AsyncIterator[Connection]:
+async def connect(uri: str | None = None, *, readonly: bool = False) -> AsyncIterator[Connection]:
     """Open a connection: ``async with aiovirt.connect("qemu:///embed?root=/srv/vms") as conn:``.
 
     The URI defaults to ``$AIOVIRT_DEFAULT_URI``, else ``qemu:///system`` for root and
     ``qemu:///session`` otherwise. Only one connection at a time may use a state directory
     (:class:`StateDirLockedError`). Leaving the block stops supervising; QEMUs keep running.
+
+    ``readonly`` (libvirt's ``virConnectOpenReadOnly``) takes no lock, so it works beside the
+    controller that holds the directory, and never signals, commands or writes: every change
+    raises :class:`ReadOnlyError`. What it shows is a snapshot taken when it opened: the
+    definitions, the runtime records and the process identity checks (a QEMU is RUNNING, reason
+    unknown, when its record and identity say it runs). Reconnect to refresh it.
     """
     parsed = parse_uri(uri)
     try:
-        async with await _open_driver(parsed) as driver:
+        async with _open_driver(parsed, readonly) as driver:
             conn = Connection(parsed, driver)
             try:
                 await conn._table.load(await driver.load())

@@ -36,6 +36,7 @@ from ._errors import (
     InvalidStateError,
     LaunchError,
     ProcessBusyError,
+    ReadOnlyError,
 )
 from ._lifecycle import Happening, Lifecycle, Operation, Transition
 from ._states import DomainEvent, DomainState, EventDetail, EventKind, StateReason
@@ -227,7 +228,7 @@ class Domain:
         If the caller is cancelled, the half-started QEMU is killed and reaped (shielded, bounded)
         before the cancellation propagates.
         """
-        self._check_open("start")
+        self._check_writable("start")
         async with self._lock:
             self._check_usable("start")
             transition = self._lifecycle.request(Operation.START)
@@ -312,7 +313,7 @@ class Domain:
         ``remove_logs`` then deletes its log and console files.
         """
         await anyio.lowlevel.checkpoint_if_cancelled()
-        self._check_open("destroy")
+        self._check_writable("destroy")
         self._lifecycle.request(Operation.DESTROY)
         run = self._run
         assert run is not None  # active
@@ -351,12 +352,12 @@ class Domain:
 
     async def undefine(self) -> None:
         """Remove the persistent definition. A running domain keeps running as a transient one."""
-        self._check_open("undefine")
+        self._check_writable("undefine")
         await self._table.undefine(self)
 
     async def set_autostart(self, autostart: bool) -> None:
         """Start this domain whenever a connection to its state directory opens (libvirt's autostart)."""
-        self._check_open("set autostart on")
+        self._check_writable("set autostart on")
         await self._table.set_autostart(self, autostart)
 
     # -- what the table and the driver tell ------------------------------------------------------
@@ -365,13 +366,18 @@ class Domain:
         if self._table.closed:
             raise ConnectionClosedError(self._table.uri, f"{operation} domain {self.name!r}")
 
+    def _check_writable(self, operation: str) -> None:
+        self._check_open(operation)
+        if self._driver.readonly:
+            raise ReadOnlyError(self._table.uri, f"{operation} domain {self.name!r}")
+
     def _check_usable(self, operation: str) -> None:
         self._check_open(operation)
         if self._gone or not self._table.holds(self):
             raise DomainNotFoundError(self.name)
 
     def _machine_for(self, operation: Operation) -> Machine:
-        self._check_open(f"{operation.value} domain {self.name!r}")
+        self._check_writable(operation.value)
         self._lifecycle.check(operation)
         machine = self._run.machine if self._run is not None else None
         assert machine is not None  # every allowed phase but STARTING has a machine
@@ -483,6 +489,11 @@ class DomainTable:
         if self.closed:
             raise ConnectionClosedError(self.uri, operation)
 
+    def check_writable(self, operation: str) -> None:
+        self.check_open(operation)
+        if self.driver.readonly:
+            raise ReadOnlyError(self.uri, operation)
+
     # -- changing -------------------------------------------------------------------------------
 
     def _complete(self, config: DomainConfig) -> DomainConfig:
@@ -515,7 +526,7 @@ class DomainTable:
             del self._by_uuid[dom.uuid]
 
     async def define(self, config: DomainConfig) -> Domain:
-        self.check_open("define a domain")
+        self.check_writable("define a domain")
         async with self._lock:
             config = self._complete(config)
             existing = self._check_unique(config)
@@ -543,7 +554,7 @@ class DomainTable:
             return existing
 
     async def create(self, config: DomainConfig) -> Domain:
-        self.check_open("create a domain")
+        self.check_writable("create a domain")
         async with self._lock:
             config = self._complete(config)
             if self._check_unique(config) is not None:

@@ -6,6 +6,7 @@
     ├── ConfigError                 a DomainConfig (or a value for one) is invalid     (also ValueError)
     ├── InvalidURIError             a connection URI is malformed or names no driver   (also ValueError)
     ├── ConnectionClosedError       the connection was closed by its owner (trio's ClosedResourceError)
+    ├── ReadOnlyError               a change asked of a read-only connection
     ├── DomainNotFoundError         no domain of that name
     ├── DomainExistsError           a domain of that name (or UUID) already exists
     ├── InvalidStateError           the operation is not allowed in the domain's state
@@ -55,6 +56,7 @@ __all__ = [
     "ProcessBusyError",
     "ProtocolError",
     "QMPError",
+    "ReadOnlyError",
     "StateDirError",
     "StateDirLockedError",
 ]
@@ -95,6 +97,18 @@ class ConnectionClosedError(AiovirtError):
     def __init__(self, uri: str, operation: str = "") -> None:
         what = f"cannot {operation}: " if operation else ""
         super().__init__(f"{what}the connection to {uri!r} is closed")
+        self.uri = uri
+        self.operation = operation
+
+
+class ReadOnlyError(AiovirtError):
+    """A read-only connection (``connect(uri, readonly=True)``) was asked to change something.
+
+    Nothing was sent or written: a read-only connection never signals, commands or writes.
+    """
+
+    def __init__(self, uri: str, operation: str) -> None:
+        super().__init__(f"cannot {operation}: the connection to {uri!r} is read-only")
         self.uri = uri
         self.operation = operation
 

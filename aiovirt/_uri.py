@@ -24,13 +24,37 @@ __all__ = ["ParsedURI", "default_uri", "parse_uri"]
 
 @dataclass(frozen=True)
 class ParsedURI:
-    """A resolved URI. For ``qemu``: ``root`` (definitions, logs, lock) and ``run`` (sockets)."""
+    """A resolved URI. For ``qemu``: ``root`` (definitions, logs, lock) and ``run`` (sockets).
+
+    For a daemon (``scheme == "remote"``): ``transport`` (unix, tcp, tls, ssh), ``host``,
+    ``port``, ``user``, ``params`` (libvirt's query parameters) and ``name``, the URI the daemon is
+    asked to open (``qemu:///system``: the transport and the client-side parameters removed).
+    """
 
     uri: str
-    scheme: str  # "qemu" or "test"
-    driver: str  # qemu: "embed", "session", "system"; test: "default", "empty"
+    scheme: str  # "qemu", "test" or "remote"
+    driver: str  # qemu: "embed", "session", "system"; test: "default", "empty"; remote: "qemu", "test"
     root: Path = Path()
     run: Path = Path()
+    transport: str = ""
+    host: str = ""
+    port: int | None = None
+    user: str = ""
+    params: tuple[tuple[str, str], ...] = ()
+    name: str = ""
+
+    def param(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.params).get(key, default)
+
+
+#: libvirt's client-side URI parameters, per transport (they are not sent to the daemon).
+_REMOTE_PARAMS = {
+    "unix": {"socket", "mode"},
+    "tcp": {"no_verify"},
+    "tls": {"no_verify", "pkipath", "tls_priority"},
+    "ssh": {"socket", "keyfile", "no_tty", "known_hosts", "known_hosts_verify", "command", "netcat", "mode"},
+}
+_REMOTE_DRIVERS = {"qemu": ("/system", "/session"), "test": ("/default",)}
 
 
 def default_uri() -> str:
@@ -57,6 +81,8 @@ def parse_uri(uri: str | None = None) -> ParsedURI:
     """Resolve a connection URI. Raises :class:`InvalidURIError`."""
     text = default_uri() if uri is None else uri
     parts = urlsplit(text)
+    if "+" in parts.scheme:
+        return _parse_remote(text)
     if parts.scheme not in ("qemu", "test"):
         raise InvalidURIError(text, f"unknown driver {parts.scheme or '(none)'!r}; expected 'qemu' or 'test'")
     if parts.netloc:
@@ -99,3 +125,47 @@ def parse_uri(uri: str | None = None) -> ParsedURI:
     if unknown:
         raise InvalidURIError(text, f"unknown parameter(s): {', '.join(sorted(unknown))}")
     return parsed
+
+
+def _parse_remote(text: str) -> ParsedURI:
+    parts = urlsplit(text)
+    driver, _, transport = parts.scheme.partition("+")
+    if driver not in _REMOTE_DRIVERS:
+        raise InvalidURIError(text, f"unknown driver {driver!r} for a daemon; expected 'qemu' or 'test'")
+    if transport not in _REMOTE_PARAMS:
+        raise InvalidURIError(text, f"unknown transport {transport!r}; expected unix, tcp, tls or ssh")
+    if parts.fragment or text.endswith("#"):
+        raise InvalidURIError(text, "a fragment (#...) means nothing here")
+    if parts.path not in _REMOTE_DRIVERS[driver]:
+        expected = " or ".join(f"{driver}+{transport}://...{p}" for p in _REMOTE_DRIVERS[driver])
+        raise InvalidURIError(text, f"unknown path {parts.path!r}; expected {expected}")
+    try:
+        query = _query(text, parts.query)
+        port = parts.port
+    except UnicodeDecodeError as exc:
+        raise InvalidURIError(text, f"malformed query: {exc}") from exc
+    except ValueError as exc:
+        raise InvalidURIError(text, f"bad port: {exc}") from exc
+    host = parts.hostname or ""
+    if transport == "unix" and (host or port):
+        raise InvalidURIError(text, "a unix socket URI names no host: use qemu+unix:///system")
+    if transport in ("tcp", "tls", "ssh") and not host:
+        raise InvalidURIError(text, f"{transport} needs a host: {driver}+{transport}://HOST{parts.path}")
+    unknown = set(query) - _REMOTE_PARAMS[transport]
+    if unknown:
+        raise InvalidURIError(text, f"unknown parameter(s) for {transport}: {', '.join(sorted(unknown))}")
+    for key, values in query.items():
+        if len(values) != 1:
+            raise InvalidURIError(text, f"parameter {key!r} given {len(values)} times")
+    params = tuple((k, v[0]) for k, v in sorted(query.items()))
+    return ParsedURI(
+        text,
+        "remote",
+        driver,
+        transport=transport,
+        host=host,
+        port=port,
+        user=unquote(parts.username or ""),
+        params=params,
+        name=f"{driver}://{parts.path}",
+    )

@@ -25,11 +25,8 @@ Prints one JSON object and a markdown table (``--json-out`` / ``--md-out`` also 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,7 +40,6 @@ from _bench import Result
 AIOVIRT_BACKENDS = ("asyncio", "trio")
 ALL_BACKENDS = ("raw", "raw-qmp", *AIOVIRT_BACKENDS)
 DEFAULT_N = {"none": 1000, "pc": 100}
-START_SCRIPT = Path(os.environ.get("AIOVIRT_ANCHORS", "/work/shared/anchors")) / "start-libvirtd.sh"
 
 # Targets from the issue (README.md explains each).
 TARGET_START_RATIO = 1.3
@@ -231,49 +227,45 @@ def worker_main(args: argparse.Namespace) -> None:
 # -- libvirt -------------------------------------------------------------------------------------
 
 
-def libvirtd_pid() -> int | None:
-    try:
-        pid = int(Path("/run/libvirtd.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if Path(f"/proc/{pid}").exists() else None
-
-
 def run_libvirt(n: int, machine: str, memory_mib: int, workers: int) -> Result:
-    """libvirtd + libvirt-python (Debian's python3), through the anchor's start script."""
+    """A private libvirtd (``scripts/libvirtd.sh``) + libvirt-python (Debian's python3)."""
     result: Result = {"backend": "libvirt", "n": n, "machine": machine, "ok": False}
-    was_running = libvirtd_pid() is not None
-    try:
-        proc = subprocess.run(["bash", str(START_SCRIPT)], capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        result["error"] = f"libvirt unavailable: {START_SCRIPT} failed: {exc}"
-        return result
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        result["error"] = f"libvirt unavailable: {START_SCRIPT} exited {proc.returncode}: {' / '.join(tail)}"
-        return result
-    result["libvirt_version"] = " ".join(proc.stdout.split())[-200:]
-    daemon = libvirtd_pid()
-    try:
-        argv = [
-            "/usr/bin/python3",
-            str(_bench.HERE / "libvirt_fleet.py"),
-            str(n),
-            "--workers",
-            str(workers),
-            "--machine",
-            machine,
-            "--memory-mib",
-            str(memory_mib),
-        ]
-        if daemon is not None:
-            argv += ["--daemon-pid", str(daemon)]
-        result.update(_bench.run_worker(argv))
-    finally:
-        if not was_running and daemon is not None:
-            # We started it: stop it again (its guests were destroyed by the worker).
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(daemon, signal.SIGTERM)
+    script = _bench.HERE.parent / "scripts" / "libvirtd.sh"
+    with tempfile.TemporaryDirectory(prefix="aiovirt-lv-", dir="/tmp") as home:
+        try:
+            proc = subprocess.run(
+                ["bash", str(script), "start", home], capture_output=True, text=True, timeout=900
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            result["error"] = f"libvirt unavailable: {script} failed: {exc}"
+            return result
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            result["error"] = f"libvirt unavailable: {script} exited {proc.returncode}: {' / '.join(tail)}"
+            return result
+        socket_path = proc.stdout.strip().splitlines()[-1]
+        try:
+            daemon = int(Path(home, "libvirtd.pid").read_text().strip())
+            version = subprocess.run(["/usr/sbin/libvirtd", "--version"], capture_output=True, text=True)
+            result["libvirt_version"] = version.stdout.strip()
+            argv = [
+                "/usr/bin/python3",
+                str(_bench.HERE / "libvirt_fleet.py"),
+                str(n),
+                "--workers",
+                str(workers),
+                "--machine",
+                machine,
+                "--memory-mib",
+                str(memory_mib),
+                "--uri",
+                f"qemu+unix:///system?socket={socket_path}",
+                "--daemon-pid",
+                str(daemon),
+            ]
+            result.update(_bench.run_worker(argv))
+        finally:
+            subprocess.run(["bash", str(script), "stop", home], capture_output=True, timeout=120)
     if result.get("ok"):
         result["kib_per_domain"] = round((result["rss_running_kib"] - result["rss_before_kib"]) / n, 2)
         result["thread_growth"] = result["threads_running"] - result["threads_before"]

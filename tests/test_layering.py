@@ -18,6 +18,8 @@ def test_sans_io_parts_load_no_anyio() -> None:
     code = (
         "import sys, aiovirt, aiovirt.config, aiovirt.qmp, aiovirt.qmp._codec\n"
         "import aiovirt._lifecycle, aiovirt._uri\n"
+        "import aiovirt.rpc._codec, aiovirt.rpc._xdr, aiovirt.rpc._protocol\n"
+        "import aiovirt.rpc._errors, aiovirt.rpc._mapping\n"
         "aiovirt.config.render_argv\n"
         "bad = [m for m in ('anyio', 'trio', 'sniffio') if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -68,6 +70,12 @@ _ABOVE_DRIVERS = {"_domain", "_connection", "_fleet", "cli", "pytest_plugin"}
         ("config/_files.py", {"drivers", "qmp", "_lifecycle", *_ABOVE_DRIVERS}),
         ("qmp/_codec.py", {"drivers", "config", "_broadcast", "_lifecycle", *_ABOVE_DRIVERS}),
         ("qmp/_client.py", {"drivers", "config", "_lifecycle", *_ABOVE_DRIVERS}),
+        ("rpc/_xdr.py", {"drivers", "qmp", "config", "_broadcast", "_lifecycle", *_ABOVE_DRIVERS}),
+        ("rpc/_protocol.py", {"drivers", "qmp", "config", "_broadcast", "_lifecycle", *_ABOVE_DRIVERS}),
+        ("rpc/_codec.py", {"drivers", "qmp", "config", "_broadcast", "_lifecycle", *_ABOVE_DRIVERS}),
+        ("rpc/_errors.py", {"drivers", "qmp", "config", "_broadcast", "_lifecycle", *_ABOVE_DRIVERS}),
+        ("rpc/_mapping.py", {"drivers", "qmp", "config", "_broadcast", "_lifecycle", *_ABOVE_DRIVERS}),
+        ("rpc/_client.py", {"drivers", "qmp", "config", "_lifecycle", *_ABOVE_DRIVERS}),
         ("drivers/_base.py", {"drivers.qemu", "drivers.test", *_ABOVE_DRIVERS}),
         ("drivers/qemu/_process.py", {"drivers", "config", "qmp", "_lifecycle", *_ABOVE_DRIVERS}),
         ("drivers/qemu/_statedir.py", {"drivers", "config", "qmp", "_lifecycle", *_ABOVE_DRIVERS}),

@@ -104,7 +104,14 @@ async def test_default_uri_from_the_environment(monkeypatch: pytest.MonkeyPatch,
         "qemu:///embed?root=/x&",
         "qemu:///embed?root=/x&root",
         "qemu:///embed?root=/x&foo=1",
-        "qemu+ssh://host/system",
+        "qemu+ftp://host/system",
+        "qemu+unix://host/system",
+        "qemu+tcp:///system",
+        "qemu+ssh://host/embed",
+        "xen+ssh://host/system",
+        "qemu+unix:///system?keyfile=/k",
+        "qemu+ssh://host:notaport/system",
+        "qemu+unix:///system?socket=/a&socket=/b",
     ],
 )
 async def test_malformed_uri_is_a_clear_error(bad: str) -> None:
@@ -119,3 +126,28 @@ async def test_malformed_uri_is_a_clear_error(bad: str) -> None:
 def test_uri_with_nul_or_fragment(bad: str) -> None:
     with pytest.raises(aiovirt.InvalidURIError):
         aiovirt.parse_uri(bad)
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("qemu+unix:///system", ("qemu", "unix", "", None, "", (), "qemu:///system")),
+        (
+            "test+unix:///default?socket=/tmp/s/libvirt-sock",
+            ("test", "unix", "", None, "", (("socket", "/tmp/s/libvirt-sock"),), "test:///default"),
+        ),
+        ("qemu+tcp://h1:16509/system", ("qemu", "tcp", "h1", 16509, "", (), "qemu:///system")),
+        (
+            "qemu+tls://h2/system?no_verify=1",
+            ("qemu", "tls", "h2", None, "", (("no_verify", "1"),), "qemu:///system"),
+        ),
+        (
+            "qemu+ssh://bob@h3:2222/session?keyfile=/k%2Bk",
+            ("qemu", "ssh", "h3", 2222, "bob", (("keyfile", "/k+k"),), "qemu:///session"),
+        ),
+    ],
+)
+def test_daemon_uris(uri: str, expected: tuple[object, ...]) -> None:
+    p = aiovirt.parse_uri(uri)
+    assert p.scheme == "remote"
+    assert (p.driver, p.transport, p.host, p.port, p.user, p.params, p.name) == expected

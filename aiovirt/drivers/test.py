@@ -245,19 +245,22 @@ class TestDriver(Driver):
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, uri: ParsedURI, host: TestHost, tg: anyio.abc.TaskGroup) -> None:
+    def __init__(
+        self, uri: ParsedURI, host: TestHost, tg: anyio.abc.TaskGroup, *, readonly: bool = False
+    ) -> None:
         self.uri = uri.uri
+        self.readonly = readonly
         self.host = host
         self._tg = tg
         self._counter = itertools.count(1)
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, uri: ParsedURI) -> AsyncIterator[TestDriver]:
+    async def open(cls, uri: ParsedURI, *, readonly: bool = False) -> AsyncIterator[TestDriver]:
         host = default_host() if uri.driver == "default" else TestHost()
         async with anyio.create_task_group() as tg:
             try:
-                yield cls(uri, host, tg)
+                yield cls(uri, host, tg, readonly=readonly)
             finally:
                 tg.cancel_scope.cancel()
 

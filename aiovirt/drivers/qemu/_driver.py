@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ from ..._uri import ParsedURI
 from ...config import DomainConfig, render_argv
 from ...qmp._client import QMPClient
 from .._base import Driver, MachineObserver, StateProblem, StoredDomain
-from ._machine import QemuMachine
+from ._machine import QemuMachine, ReadOnlyMachine
 from ._process import Process, ProcessIdentity, find_processes_with_arg, read_identity
 from ._records import (
     RuntimeRecord,
@@ -39,6 +40,9 @@ __all__ = ["QemuDriver"]
 
 logger = logging.getLogger("aiovirt")
 
+#: How long after a pid-less runtime record was written its QEMU may still appear (see
+#: ``QemuDriver._find_late_spawn``).
+_SPAWN_GRACE = 5.0
 #: QEMU 7.2 prints this first, when it waits for the monitor's client (us): it is no complaint.
 _WAITING_NOTICE = "info: QEMU waiting for connection"
 
@@ -46,25 +50,33 @@ _WAITING_NOTICE = "info: QEMU waiting for connection"
 class QemuDriver(Driver):
     """One opened state directory. Open with :meth:`open`."""
 
-    def __init__(self, uri: ParsedURI, statedir: StateDir, task_group: anyio.abc.TaskGroup) -> None:
+    def __init__(
+        self, uri: ParsedURI, statedir: StateDir, task_group: anyio.abc.TaskGroup, *, readonly: bool = False
+    ) -> None:
         self.uri = uri.uri
+        self.readonly = readonly
         self.statedir = statedir
         self._tg = task_group
         self._problems: list[StateProblem] = []
+        self._watched: list[Process] = []  # a read-only connection's pidfds, closed with it
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, uri: ParsedURI) -> AsyncIterator[QemuDriver]:
-        if uri.driver == "system" and os.geteuid() != 0:
+    async def open(cls, uri: ParsedURI, *, readonly: bool = False) -> AsyncIterator[QemuDriver]:
+        """``readonly``: no lock, no signal, no monitor, no write; a snapshot as of the open."""
+        if uri.driver == "system" and os.geteuid() != 0 and not readonly:
             raise StateDirError(str(uri.root), "qemu:///system needs root; use qemu:///session")
         statedir = StateDir(uri.root, uri.run)
-        statedir.open()
+        statedir.open(readonly=readonly)
         try:
             async with anyio.create_task_group() as tg:
+                driver = cls(uri, statedir, tg, readonly=readonly)
                 try:
-                    yield cls(uri, statedir, tg)
+                    yield driver
                 finally:
                     tg.cancel_scope.cancel()
+                    for proc in driver._watched:
+                        proc.close()
         finally:
             statedir.close()
 
@@ -184,7 +196,7 @@ class QemuDriver(Driver):
     def _set_aside(self, path: Path, kind: str, exc: BaseException, note: str = "") -> None:
         """A record we cannot use: keep it (renamed so it is not read again) and report it."""
         try:
-            aside = self.statedir.set_aside(path)
+            aside = path if self.readonly else self.statedir.set_aside(path)
         except OSError:
             aside = path
         self._problem(aside, kind, f"unreadable record set aside: {exc}{note}")
@@ -250,6 +262,8 @@ class QemuDriver(Driver):
 
     async def _orphan_note(self, name: str) -> str:
         """Which QEMU (if any) still serves ``name``'s monitor: asked through the monitor itself."""
+        if self.readonly:
+            return "; its monitor belongs to the controller (read-only: not asked)"
         try:
             sock = self.statedir.connect_monitor(name)
         except (OSError, StateDirError):
@@ -277,6 +291,8 @@ class QemuDriver(Driver):
         name = stored.config.name
         uuid = str(stored.config.uuid)
         proc = self._find(record.identity, uuid)
+        if proc is None and record.identity is None:
+            proc = await self._find_late_spawn(name, uuid)
         if proc is None:
             if record.identity is None:
                 why = "no process has its UUID"
@@ -285,12 +301,35 @@ class QemuDriver(Driver):
             else:
                 why = f"pid {record.identity.pid} is another process now"
             logger.info("domain %r: its QEMU exited while no controller ran (%s); shut off", name, why)
-            self.statedir.remove_runtime(name)
+            if not self.readonly:
+                self.statedir.remove_runtime(name)
             observer.happened(Happening.GONE)
+            return
+        if self.readonly:
+            # The monitor belongs to the controller: what the record and the identity checks say.
+            self._watched.append(proc)
+            observer.attached(ReadOnlyMachine(self, proc))
+            observer.happened(Happening.ADOPTED_RUNNING)
             return
         machine = QemuMachine(self, stored.config, proc, observer, transient=not stored.persistent)
         observer.attached(machine)
         await self._tg.start(machine.supervise_adopted, record.phase)
+
+    async def _find_late_spawn(self, name: str, uuid: str) -> Process | None:
+        """A pid-less ("starting") record whose QEMU is not found may still get one: a controller
+        killed between fork and exec leaves a child that execs QEMU afterwards (seen on a loaded
+        host, tens of milliseconds later). Look again until ``_SPAWN_GRACE`` after the record was
+        written; a record older than that is answered at once."""
+        try:
+            written = os.stat(self.statedir.runtime_path(name)).st_mtime
+        except OSError:
+            return None
+        while time.time() < written + _SPAWN_GRACE:
+            await anyio.sleep(0.05)
+            proc = self._find(None, uuid)
+            if proc is not None:
+                return proc
+        return None
 
     @staticmethod
     def _find(identity: ProcessIdentity | None, uuid: str) -> Process | None:

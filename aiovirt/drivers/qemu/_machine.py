@@ -18,7 +18,7 @@ import anyio
 import anyio.abc
 
 from ..._broadcast import Subscription
-from ..._errors import AiovirtError, ConnectionLostError
+from ..._errors import AiovirtError, ConnectionLostError, ReadOnlyError
 from ..._lifecycle import Happening
 from ...config import DomainConfig
 from ...qmp._client import QMPClient
@@ -29,7 +29,7 @@ from ._process import Process, proc_state
 if TYPE_CHECKING:
     from ._driver import QemuDriver
 
-__all__ = ["QemuMachine"]
+__all__ = ["QemuMachine", "ReadOnlyMachine"]
 
 logger = logging.getLogger("aiovirt")
 
@@ -284,3 +284,37 @@ class QemuMachine(Machine):
                 else:
                     self._exited()
             proc.close()
+
+
+class ReadOnlyMachine(Machine):
+    """A QEMU seen by a read-only connection: identity checked, never signalled nor commanded.
+
+    The domain refuses every such request before it gets here (:class:`~aiovirt.ReadOnlyError`);
+    these refusals are the second wall.
+    """
+
+    def __init__(self, driver: QemuDriver, proc: Process) -> None:
+        self._driver = driver
+        self._proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def send_signal(self, sig: signal.Signals) -> bool:
+        raise ReadOnlyError(self._driver.uri, f"send {sig.name}")
+
+    def poll_exited(self) -> bool:
+        return self._proc.poll()
+
+    def process_state(self) -> str:
+        return proc_state(self._proc.pid)
+
+    async def command(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        raise ReadOnlyError(self._driver.uri, f"run {command!r}")
+
+    def monitor_events(self, max_buffer: int) -> AbstractContextManager[Subscription[Event]]:
+        raise ReadOnlyError(self._driver.uri, "watch the monitor")
+
+    def stats(self) -> tuple[float, int, float]:
+        return self._proc.cpu_time(), self._proc.rss_bytes(), self._proc.uptime()

@@ -185,7 +185,20 @@ class StateDir:
 
     # -- records ------------------------------------------------------------------------------
 
+    def _check_writable(self, d: Path) -> None:
+        if self.readonly:
+            raise StateDirError(str(d), "opened read-only; nothing is written")
+
     def _write(self, d: Path, name: str, data: bytes, *, durable: bool) -> None:
+        """Atomic replace of ``d/name``. A failure (a full disk) leaves the old record as it was and
+        raises :class:`StateDirError` naming the file and the cause."""
+        self._check_writable(d)
+        try:
+            self._write_atomically(d, name, data, durable=durable)
+        except OSError as exc:
+            raise StateDirError(str(d / name), f"cannot write: {exc.strerror or exc}") from exc
+
+    def _write_atomically(self, d: Path, name: str, data: bytes, *, durable: bool) -> None:
         dirfd = self._fd(d)
         self._tmp_counter += 1
         tmp = f".{name}.{os.getpid()}.{self._tmp_counter}.tmp"
@@ -223,6 +236,7 @@ class StateDir:
         It is kept for whoever investigates, never deleted nor overwritten, and no longer read as
         a record. A symlink is renamed itself, never followed. Returns the new path.
         """
+        self._check_writable(path.parent)
         dirfd = self._fd(path.parent)
         for n in itertools.count(1):
             aside = f"{path.name}.corrupt" + (f"-{n}" if n > 1 else "")
@@ -238,6 +252,7 @@ class StateDir:
         return [d / e for e in sorted(self._listdir(d)) if ".json.corrupt" in e and not e.startswith(".")]
 
     def _remove(self, d: Path, name: str, *, durable: bool) -> None:
+        self._check_writable(d)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self._fd(d))
         if durable:
