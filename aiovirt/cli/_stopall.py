@@ -170,15 +170,21 @@ def render_panel(progress: StopProgress, now: float, *, done: bool = False) -> R
         timing = f"at most {format_seconds(left)} left (no deadline)"
     mode = "graceful: no SIGKILL" if progress.policy.graceful else "ACPI, SIGTERM, SIGKILL"
     title = Text(f"Stopping {total} domain{'s' if total != 1 else ''} ({mode})", style="bold")
-    bar = ProgressBar(total=max(total, 1), completed=len(progress.results), width=40)
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(
+        ProgressBar(total=max(total, 1), completed=len(progress.results), width=40),
+        Text(f"{len(progress.results)}/{total} finished"),
+    )
     return Group(title, grid, bar, Text(timing))
 
 
 def summary_table(progress: StopProgress, now: float) -> Table:
+    rows = progress.all_results(now)
+    errors = any(interrupted or result.error is not None for result, interrupted in rows)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for column in ("Name", "Result", "Stage", "Reason", "Elapsed", "Error"):
+    for column in ("Name", "Result", "Stage", "Reason", "Elapsed", *(["Error"] if errors else [])):
         table.add_column(column, no_wrap=column != "Error")
-    for result, interrupted in progress.all_results(now):
+    for result, interrupted in rows:
         if result.stopped:
             outcome = Text("stopped", style="green")
         else:
@@ -192,7 +198,7 @@ def summary_table(progress: StopProgress, now: float) -> Table:
             str(result.stage),
             result.reason or "",
             format_seconds(result.elapsed),
-            error,
+            *([error] if errors else []),
         )
     return table
 

@@ -321,6 +321,11 @@ async def verb_event(ctx: Context) -> int:
     a = ctx.args
     out = ctx.out
     count = 0
+    if a.readonly:
+        raise CliError(
+            "ReadOnly",
+            "event needs the controlling connection: a read-only view is a snapshot and sees no events",
+        )
     async with ctx.open() as conn:
         target = None if a.domain is None else await conn.lookup(a.domain)
         subscription = conn.subscribe() if target is None else target.subscribe()
