@@ -9,7 +9,7 @@ verb), :mod:`._shapes` (the ``--json`` shapes, documented there), :mod:`._output
 lines), :mod:`._stopall` (the live fleet stop), :mod:`._interrupt` (Ctrl-C as a cancel scope).
 
 Exit status: 0 success; 1 the operation failed (``stop-all``: a domain was not stopped); 2 usage
-error (also a malformed URI); 130 interrupted by Ctrl-C.
+error (also a malformed URI); 130 interrupted by Ctrl-C (143 by SIGTERM, handled the same way).
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ that change something fail naming the holder's pid.
 
 _EPILOG = """\
 exit status: 0 success; 1 the operation failed (stop-all: a domain was not stopped);
-2 usage error (including a malformed URI); 130 interrupted (Ctrl-C).
+2 usage error (including a malformed URI); 130 interrupted by Ctrl-C (143: SIGTERM).
 
 examples:
   aiovirt -c 'qemu:///embed?root=/srv/vms' list --all

@@ -1,8 +1,8 @@
-"""Output for people (rich tables, aligned key/value lines) and for scripts (JSON), and stderr lines.
+"""Output for people (aligned tables, key/value lines), for scripts (JSON), and stderr lines.
 
-rich renders the tables: on a terminal with colour, through a pipe as plain text sized to its
-content (never cut to 80 columns). Nothing here is interpreted as rich markup: names, paths and
-messages are printed as they are.
+rich renders it: on a terminal with colour, through a pipe as plain text sized to its content
+(never cut to 80 columns, no trailing blanks). Nothing here is interpreted as rich markup:
+names, paths and messages are printed as they are.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
-from rich import box
+from rich.cells import cell_len
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
@@ -29,6 +28,8 @@ STATE_STYLES = {
     "shutoff": "dim",
     "crashed": "red",
 }
+
+_GAP = "   "
 
 #: Width given to rich when stdout is not a terminal: a table is as wide as its content.
 _PIPE_WIDTH = 4096
@@ -118,42 +119,67 @@ class Output:
 
     # -- people ---------------------------------------------------------------------------------
 
-    def table(self, table: Table) -> None:
-        if self.terminal:
-            self.console.print(table)
-            return
-        # Through a pipe: no padding after the last column (rich pads every cell).
-        with self.console.capture() as captured:
-            self.console.print(table)
-        for line in captured.get().splitlines():
-            self.line(line.rstrip())
+    def columns(
+        self,
+        headers: Sequence[str],
+        rows: Iterable[Sequence[str | Text]],
+        right: Iterable[str] = (),
+    ) -> None:
+        """An aligned table: a bold header, a rule, one line per row (``right``: right-justified).
+
+        Built as one rich ``Text`` rather than a rich ``Table``, which costs about a millisecond
+        per row: ``list`` of 1,000 domains would spend most of its time there.
+        """
+        body = [[cell if isinstance(cell, Text) else Text(cell) for cell in row] for row in rows]
+        widths = [cell_len(h) for h in headers]
+        for row in body:
+            for i, cell in enumerate(row):
+                widths[i] = max(widths[i], cell.cell_len)
+        flush_right = set(right)
+        out = Text()
+
+        def add(cells: Sequence[Text], names: Sequence[str]) -> None:
+            for i, (cell, name) in enumerate(zip(cells, names, strict=True)):
+                pad = " " * (widths[i] - cell.cell_len)
+                last = i == len(cells) - 1
+                if name in flush_right:
+                    out.append(pad)
+                    out.append_text(cell)
+                else:
+                    out.append_text(cell)
+                    if not last:
+                        out.append(pad)
+                if not last:
+                    out.append(_GAP)
+            out.append("\n")
+
+        add([Text(h, style="bold") for h in headers], headers)
+        out.append("\u2500" * (sum(widths) + len(_GAP) * (len(widths) - 1)) + "\n", style="dim")
+        for row in body:
+            add(row, headers)
+        self.console.print(out, end="", soft_wrap=True)
 
     def domains(self, doms: Sequence[aiovirt.Domain]) -> None:
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-        for column, justify in (
-            ("Name", "left"),
-            ("State", "left"),
-            ("Reason", "left"),
-            ("PID", "right"),
-            ("vCPUs", "right"),
-            ("Memory", "right"),
-            ("Autostart", "left"),
-            ("Persistent", "left"),
-        ):
-            table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        rows: list[list[str | Text]] = []
         for dom in doms:
             state = str(dom.state)
-            table.add_row(
-                dom.name,
-                Text(state, style=STATE_STYLES.get(state, "")),
-                str(dom.reason),
-                "-" if dom.pid is None else str(dom.pid),
-                str(dom.config.vcpus),
-                f"{dom.config.memory_mib} MiB",
-                "yes" if dom.autostart else "no",
-                "yes" if dom.persistent else "no",
+            rows.append(
+                [
+                    dom.name,
+                    Text(state, style=STATE_STYLES.get(state, "")),
+                    str(dom.reason),
+                    "-" if dom.pid is None else str(dom.pid),
+                    str(dom.config.vcpus),
+                    f"{dom.config.memory_mib} MiB",
+                    "yes" if dom.autostart else "no",
+                    "yes" if dom.persistent else "no",
+                ]
             )
-        self.table(table)
+        self.columns(
+            ["Name", "State", "Reason", "PID", "vCPUs", "Memory", "Autostart", "Persistent"],
+            rows,
+            right=("PID", "vCPUs", "Memory"),
+        )
 
     def fields(self, pairs: Iterable[tuple[str, str]]) -> None:
         """``Key:   value`` lines, aligned as virsh's dominfo."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
 
@@ -76,7 +77,7 @@ def _report(exc: BaseException, args: argparse.Namespace, out: Output, *, bug: b
 async def _amain(ctx: Context) -> int:
     handler = HANDLERS[ctx.args.verb]
     failure: Exception | None = None
-    code = EXIT_INTERRUPTED
+    code: int | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(ctx.interrupts.watch)
         try:
@@ -89,7 +90,7 @@ async def _amain(ctx: Context) -> int:
             tg.cancel_scope.cancel()
     if failure is not None:
         raise failure
-    return code
+    return ctx.interrupts.exit_status if code is None else code
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -124,8 +125,9 @@ def run(args: argparse.Namespace) -> int:
                 raise
             _report(failure, args, out, bug=True)
             return EXIT_FAILED
-        if code == EXIT_INTERRUPTED and ctx.interrupts.received and args.verb != "stop-all":
-            out.error("interrupted")
+        received = ctx.interrupts.received
+        if received is not None and code == ctx.interrupts.exit_status and args.verb != "stop-all":
+            out.error("interrupted" if received == signal.SIGINT else f"interrupted ({received.name})")
         return code
     finally:
         logging.getLogger("aiovirt").removeHandler(handler)

@@ -13,7 +13,7 @@ a paused one with ``--paused signal``, one still starting) is counted in SIGTERM
 
 Ctrl-C cancels the ``stop_all`` call: it sends nothing further (no SIGKILL, no new press), what
 is known is reported (the unfinished domains as interrupted, not stopped), and the exit status is
-130.
+130 (143 for SIGTERM, which is handled the same).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
-from rich import box
 from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.progress_bar import ProgressBar
@@ -40,7 +39,14 @@ from ._shapes import stop_result_shape
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["StopProgress", "StopSchedule", "policy_from_args", "run_stop_all"]
+__all__ = [
+    "StopProgress",
+    "StopSchedule",
+    "policy_from_args",
+    "render_panel",
+    "run_stop_all",
+    "summary_rows",
+]
 
 #: How often the live panel is redrawn (seconds).
 _REFRESH = 0.2
@@ -178,29 +184,27 @@ def render_panel(progress: StopProgress, now: float, *, done: bool = False) -> R
     return Group(title, grid, bar, Text(timing))
 
 
-def summary_table(progress: StopProgress, now: float) -> Table:
+def summary_rows(progress: StopProgress, now: float) -> tuple[list[str], list[list[str | Text]]]:
+    """The summary table's headers and rows, one per domain in the order given."""
     rows = progress.all_results(now)
     errors = any(interrupted or result.error is not None for result, interrupted in rows)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for column in ("Name", "Result", "Stage", "Reason", "Elapsed", *(["Error"] if errors else [])):
-        table.add_column(column, no_wrap=column != "Error")
+    headers = ["Name", "Result", "Stage", "Reason", "Elapsed", *(["Error"] if errors else [])]
+    body: list[list[str | Text]] = []
     for result, interrupted in rows:
         if result.stopped:
             outcome = Text("stopped", style="green")
         else:
             outcome = Text("interrupted" if interrupted else "NOT stopped", style="red")
-        error = (
-            "stop-all interrupted (Ctrl-C)" if interrupted else (str(result.error) if result.error else "")
-        )
-        table.add_row(
+        error = "stop-all interrupted" if interrupted else (str(result.error) if result.error else "")
+        cells: list[str | Text] = [
             result.name,
             outcome,
             str(result.stage),
             result.reason or "",
             format_seconds(result.elapsed),
-            *([error] if errors else []),
-        )
-    return table
+        ]
+        body.append(cells + ([error] if errors else []))
+    return headers, body
 
 
 def result_line(result: aiovirt.StopResult, *, interrupted: bool = False) -> str:
@@ -282,7 +286,8 @@ async def run_stop_all(
                 out.line(result_line(result, interrupted=True))
     if not out.json_mode:
         if not lines:
-            out.table(summary_table(progress, now))
+            headers, rows = summary_rows(progress, now)
+            out.columns(headers, rows, right=("Elapsed",))
         stopped, total = progress.stopped, len(progress.names)
         tail = " (interrupted: nothing further was sent)" if progress.interrupted else ""
         out.line(
@@ -290,5 +295,5 @@ async def run_stop_all(
             f"{format_seconds(progress.elapsed(now))}{tail}."
         )
     if progress.interrupted:
-        return 130
+        return interrupts.exit_status
     return 0 if progress.stopped == len(progress.names) else 1

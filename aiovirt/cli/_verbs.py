@@ -356,7 +356,7 @@ async def verb_event(ctx: Context) -> int:
     if a.loop or count:
         return 0
     if scope.cancelled_caught:
-        return 130  # Ctrl-C while waiting for the one event
+        return ctx.interrupts.exit_status  # Ctrl-C while waiting for the one event
     if a.timeout is None:
         raise CliError("NoEvent", "the connection closed before any event")
     raise TimeoutError(f"no event within {a.timeout:g} s")
