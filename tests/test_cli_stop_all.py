@@ -174,10 +174,11 @@ def wait_gone(pid: int) -> None:
     assert not pid_alive(pid)
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
 @pytest.mark.parametrize(
     "graceful", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["graceful", "forced"]
 )
-def test_sigint_during_stop_all_sends_nothing_further(cli_uri: str, graceful: bool) -> None:
+def test_sigint_during_stop_all_sends_nothing_further(cli_uri: str, graceful: bool, backend: str) -> None:
     """Ctrl-C while a stopped QEMU ignores its SIGTERM: no SIGKILL follows, the process is still
     there after the command exited; the unfinished domain is reported, and the status is 130."""
     pids = start_domains(cli_uri, "frozen")
@@ -190,7 +191,7 @@ def test_sigint_during_stop_all_sends_nothing_further(cli_uri: str, graceful: bo
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
-        env=cli_env(cli_uri),
+        env=cli_env(cli_uri, backend),
         cwd=REPO,
     )
     try:

@@ -3,9 +3,11 @@ stop-all schedule and output, and verbs run in-process on the in-memory ``test:/
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -296,8 +298,10 @@ async def test_stop_all_lines_and_panel_on_the_test_host() -> None:
 
 
 @pytest.mark.anyio
-async def test_stop_all_interrupted_sends_nothing_further() -> None:
-    """An interruption (what Ctrl-C does) ends the call: unfinished domains are reported, 130."""
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+async def test_stop_all_interrupted_sends_nothing_further(signum: signal.Signals, status: int) -> None:
+    """An interruption (what Ctrl-C or SIGTERM does) ends the call: unfinished domains are
+    reported, and the status is 128 + the signal."""
     async with aiovirt.connect("test:///empty") as conn:
         script_guest(conn, "deaf", GuestBehaviour(acpi="ignore"))
         dom = await conn.define(aiovirt.DomainConfig(name="deaf", memory_mib=8))
@@ -309,13 +313,13 @@ async def test_stop_all_interrupted_sends_nothing_further() -> None:
 
             async def interrupt_soon() -> None:
                 await anyio.sleep(0.2)
-                interrupts.fire()
+                interrupts.fire(signum)
 
             tg.start_soon(interrupt_soon)
             code = await run_stop_all(
                 conn, [dom], policy, 64, Output(json_mode=False, stdout=stdout), interrupts
             )
-        assert code == 130
+        assert code == status
         lines = stdout.getvalue().splitlines()
         assert lines[0].startswith("deaf: NOT stopped after ") and lines[0].endswith("interrupted (Ctrl-C)")
         assert "interrupted: nothing further was sent" in lines[1]
@@ -325,3 +329,19 @@ async def test_stop_all_interrupted_sends_nothing_further() -> None:
         assert headers[-1] == "Error"
         assert [str(cell) for cell in rows[0]][:3] == ["deaf", "interrupted", "none"]
         await dom.destroy()
+
+
+def test_the_command_uses_only_the_public_api() -> None:
+    """aiovirt.cli imports ``aiovirt`` and ``aiovirt.config`` only (and its own modules)."""
+    cli = REPO / "aiovirt" / "cli"
+    for path in sorted(cli.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name == "aiovirt" or name.startswith("aiovirt."):
+                    assert name in ("aiovirt", "aiovirt.config"), f"{path.name} imports {name}"

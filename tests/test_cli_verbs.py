@@ -159,7 +159,8 @@ def test_define_formats_and_warnings(tmp_path: Path, cli_uri: str) -> None:
     assert ok("list", "--all", "--name", uri=uri).stdout == "j\nx\n"
 
 
-def test_event_verb_sees_a_qemu_stopped_from_outside(tmp_path: Path, cli_uri: str) -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_event_verb_sees_a_qemu_stopped_from_outside(tmp_path: Path, cli_uri: str, backend: str) -> None:
     uri = cli_uri
     define_none(tmp_path, uri, "ev")
     ok("start", "ev", uri=uri)
@@ -170,7 +171,7 @@ def test_event_verb_sees_a_qemu_stopped_from_outside(tmp_path: Path, cli_uri: st
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
-        env=cli_env(uri),
+        env=cli_env(uri, backend),
         cwd=REPO,
     )
     try:
