@@ -44,7 +44,7 @@ def test_lifecycle_verbs(tmp_path: Path, cli_uri: str) -> None:
     assert "vm1" in listing and "shutoff" in listing and "Name" in listing
     assert ok("list", "--all", "--name", uri=uri).stdout == "vm1\n"
     data = ok_json("list", "--all", uri=uri)
-    assert data["uri"] == uri and data["readonly"] is False
+    assert data["uri"] == uri and data["readonly"] is False and data["problems"] == []
     [dom] = data["domains"]
     assert set(dom) >= DOMAIN_KEYS and dom["state"] == "shutoff" and dom["pid"] is None
     assert dom["uuid"] == uuid and dom["memory_mib"] == 16 and dom["persistent"] is True
@@ -301,3 +301,14 @@ def test_bad_input(tmp_path: Path, cli_uri: str) -> None:
     proc = failing("suspend", "off", uri=uri)
     assert proc.stderr.startswith("error: cannot suspend domain 'off'")
     assert "Traceback" in run_cli("suspend", "off", "--debug", uri=uri).stderr
+
+    # a definition that cannot be read: a warning on stderr and a problem in the JSON, and the
+    # rest keeps working (last: every later connection reports the record set aside, too)
+    (tmp_path / "state" / "domains" / "broken.json").write_text("{ not json")
+    proc = ok("list", "--all", "--json", uri=uri)
+    listed = json.loads(proc.stdout)
+    assert [d["name"] for d in listed["domains"]] == ["off"]
+    [problem] = listed["problems"]
+    assert problem["kind"] == "definition" and "broken.json" in problem["path"]
+    [warning] = proc.stderr.splitlines()  # said once (the library logs it; list does not repeat it)
+    assert warning.startswith("warning: ") and "broken.json" in warning

@@ -1,9 +1,9 @@
 """The command line: global options, verbs with virsh's names and flags, their help and examples.
 
-Standard library only (argparse): ``aiovirt --help`` and every usage error are answered before
-anything of aiovirt's machinery (anyio, the QEMU driver) is imported. argparse was chosen over
-click or typer for that start-up time, for its exit code 2 on usage errors (the documented
-one), and because it needs no dependency.
+Standard library only (argparse), beside the ``aiovirt`` package itself: ``aiovirt --help``
+and every usage error are answered before anything of aiovirt's machinery (anyio, the QEMU
+driver) is imported. argparse was chosen over click or typer for that start-up time, for its
+exit code 2 on usage errors (the documented one), and because it needs no dependency.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import argparse
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+
+import aiovirt  # already imported (this is its subpackage); only its version is read
 
 __all__ = ["VERBS", "Access", "VerbSpec", "build_parser"]
 
@@ -215,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_global_options(parser, in_verb=False)
-    parser.add_argument("--version", action="version", version="aiovirt 0.1.0")
+    parser.add_argument("--version", action="version", version=f"aiovirt {aiovirt.__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
     sub.required = True
 

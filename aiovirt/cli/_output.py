@@ -72,6 +72,8 @@ class Output:
         self.stdout = stdout if stdout is not None else sys.stdout
         self.stderr = stderr if stderr is not None else sys.stderr
         self._console: Console | None = None
+        self.noted: list[str] = []
+        """Every line written to stderr, so that a verb does not repeat what the library logged."""
 
     @property
     def console(self) -> Console:
@@ -91,6 +93,7 @@ class Output:
 
     def note(self, text: str) -> None:
         """One line on stderr (a note, a warning, the fallback to read-only)."""
+        self.noted.append(text)
         self.stderr.write(text + "\n")
         self.stderr.flush()
 

@@ -39,15 +39,23 @@ EXIT_INTERRUPTED = 130
 _EXPECTED = (aiovirt.AiovirtError, CliError, TimeoutError, OSError)
 
 
-class _Lines(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
+class _Lines(logging.Handler):
+    """aiovirt's log as ``warning: ...`` lines on stderr, through :meth:`Output.note`."""
+
+    def __init__(self, out: Output) -> None:
+        super().__init__()
+        self._out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
         level = "warning" if record.levelno == logging.WARNING else record.levelname.lower()
-        return f"{level}: {record.getMessage()}"
+        try:
+            self._out.note(f"{level}: {record.getMessage()}")
+        except Exception:
+            self.handleError(record)
 
 
 def _setup_logging(debug: bool, out: Output) -> logging.Handler:
-    handler = logging.StreamHandler(out.stderr)
-    handler.setFormatter(_Lines())
+    handler = _Lines(out)
     logger = logging.getLogger("aiovirt")
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)

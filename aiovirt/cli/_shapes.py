@@ -6,7 +6,10 @@ States, reasons, event kinds and stop stages are libvirt's lower-case names (``"
 
 Shapes (``DOMAIN`` and ``ERROR`` are defined at the end)::
 
-    list          {"uri": str, "readonly": bool, "domains": [DOMAIN, ...]}   (sorted by name)
+    list          {"uri": str, "readonly": bool, "domains": [DOMAIN, ...],   (sorted by name)
+                   "problems": [{"kind": str, "path": str, "message": str}, ...]}
+                  (problems: records that could not be used, unreachable monitors, failed
+                  autostarts; also printed as warnings on stderr)
     dominfo       DOMAIN + {"cpu_time": float, "rss_bytes": int, "uptime": float,
                             "machine": str, "accel": str, "reachable": bool,
                             "shutdown_reason": str|null, "log_path": str|null,
@@ -48,6 +51,7 @@ Pure: it only reads public attributes of what it is given.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -93,8 +97,15 @@ def domain_shape(dom: aiovirt.Domain) -> dict[str, Any]:
     }
 
 
-def list_shape(uri: str, readonly: bool, domains: list[aiovirt.Domain]) -> dict[str, Any]:
-    return {"uri": uri, "readonly": readonly, "domains": [domain_shape(d) for d in domains]}
+def list_shape(
+    uri: str, readonly: bool, domains: list[aiovirt.Domain], problems: Sequence[aiovirt.StateProblem] = ()
+) -> dict[str, Any]:
+    return {
+        "uri": uri,
+        "readonly": readonly,
+        "domains": [domain_shape(d) for d in domains],
+        "problems": [{"kind": p.kind, "path": str(p.path), "message": p.message} for p in problems],
+    }
 
 
 def info_shape(dom: aiovirt.Domain, info: aiovirt.DomainInfo) -> dict[str, Any]:

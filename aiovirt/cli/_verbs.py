@@ -81,9 +81,11 @@ async def verb_list(ctx: Context) -> int:
         elif not a.all:
             doms = [d for d in doms if d.active]
         for problem in conn.problems:
-            ctx.out.warning(str(problem))
+            # Those the library logged as it found them were shown already.
+            if not any(str(problem) in line for line in ctx.out.noted):
+                ctx.out.warning(str(problem))
         if ctx.out.json_mode:
-            ctx.out.json(list_shape(conn.uri, ctx.readonly, doms))
+            ctx.out.json(list_shape(conn.uri, ctx.readonly, doms, conn.problems))
         elif a.name:
             for dom in doms:
                 ctx.out.line(dom.name)
@@ -271,9 +273,8 @@ async def verb_console_log(ctx: Context) -> int:
         dom = await conn.lookup(ctx.args.domain)
         path = dom.console_path
         if path is None:
-            raise CliError(
-                "NoConsole", f"domain '{dom.name}' has no serial console (its config has console = false)"
-            )
+            why = "its driver keeps no files" if dom.config.console else "its config has console = false"
+            raise CliError("NoConsole", f"domain '{dom.name}' has no console log: {why}")
 
         def emit(data: bytes, *, lines: bool) -> None:
             if out.json_mode:
