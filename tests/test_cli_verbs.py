@@ -220,6 +220,34 @@ def test_event_without_loop_prints_one_event_or_times_out(tmp_path: Path, cli_ur
             watcher.wait()
 
 
+def test_console_log_follow_ends_when_the_domain_stops(tmp_path: Path, cli_uri: str) -> None:
+    uri = cli_uri
+    define_none(tmp_path, uri, "quiet")
+    ok("start", "quiet", uri=uri)
+    pid = ok_json("dominfo", "quiet", uri=uri)["pid"]
+    follower = subprocess.Popen(
+        aiovirt_argv("console-log", "quiet", "--follow"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=cli_env(uri),
+        cwd=REPO,
+    )
+    try:
+        assert follower.stderr is not None
+        note = follower.stderr.readline()
+        assert note.startswith("following ") and "quiet.console until the domain stops" in note
+        os.kill(pid, signal.SIGTERM)  # stopped from outside: the follower sees it and ends
+        out, err = follower.communicate(timeout=30)
+        assert follower.returncode == 0, err
+        assert out == ""  # machine=none prints nothing on its console
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+
+
 @pytest.mark.slow
 def test_a_real_guest_console_and_shutdown(tmp_path: Path, cli_uri: str, tiny_guest: TinyGuest) -> None:
     """The tiny Linux guest: console-log --follow shows its console as it boots; shutdown --wait

@@ -299,6 +299,8 @@ async def verb_console_log(ctx: Context) -> int:
             return 0
 
         offset = 0
+        until = "Ctrl-C" if ctx.readonly else "the domain stops or Ctrl-C"
+        out.note(f"following {path} until {until}")
         with ctx.interrupts.scope():
             while True:
                 data, offset = _read_from(path, offset)
