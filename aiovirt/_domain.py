@@ -611,9 +611,9 @@ class DomainTable:
 
     # -- opening and closing --------------------------------------------------------------------
 
-    async def load(self, stored: Sequence[StoredDomain]) -> None:
+    async def load(self, stored: Sequence[StoredDomain], *, autostart: bool = True) -> None:
         """Fill the table from the driver's records, take back running machines (concurrently, so
-        a connection costs one monitor timeout, not one per domain), then autostart."""
+        a connection costs one monitor timeout, not one per domain), then autostart (unless not)."""
         adopt: list[tuple[Domain, StoredDomain]] = []
         for entry in stored:
             dom = Domain(self, entry.config, persistent=entry.persistent, autostart=entry.autostart)
@@ -629,7 +629,7 @@ class DomainTable:
             for dom, entry in adopt:
                 tg.start_soon(take_back, dom, entry)
         async with anyio.create_task_group() as tg:
-            for dom in list(self._by_name.values()):
+            for dom in list(self._by_name.values()) if autostart and not self.driver.readonly else ():
                 if dom.autostart and not dom.active:
                     tg.start_soon(self._autostart, dom)
         self._connecting = False
@@ -640,6 +640,7 @@ class DomainTable:
         except AiovirtError as exc:
             path = self.driver.definition_path(dom.name) or Path(dom.name)
             self._failed_autostarts.append(StateProblem(path, "autostart", str(exc)))
+            logger.warning("domain %r: autostart failed: %s", dom.name, exc)
 
     def close(self) -> None:
         self.closed = True

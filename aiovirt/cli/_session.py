@@ -28,7 +28,7 @@ async def open_connection(
         conn: aiovirt.Connection | None = None
         if not readonly:
             try:
-                conn = await stack.enter_async_context(aiovirt.connect(uri))
+                conn = await stack.enter_async_context(aiovirt.connect(uri, autostart=False))
             except aiovirt.StateDirLockedError as exc:
                 if not may_fall_back:
                     raise

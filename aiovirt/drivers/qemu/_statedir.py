@@ -380,9 +380,11 @@ class StateDir:
             raise StateDirError(str(self.monitor_path(name)), "is not a socket; not followed")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # Connecting to a listening unix socket completes at once (it queues in the backlog).
-            sock.connect(self._socket_address(name))
+            # Non-blocking: a unix connect queues in the listener's backlog at once, or fails
+            # with EAGAIN when it is full. A stopped QEMU re-listens with a backlog of one, so a
+            # blocking connect to it could wait for ever (and with it the event loop).
             sock.setblocking(False)
+            sock.connect(self._socket_address(name))
         except BaseException:
             sock.close()
             raise
