@@ -299,7 +299,8 @@ class DomainConfig(ConfigModel):
     """Network cards, in the order the guest sees them."""
 
     console: _Flag = True
-    """Capture the first serial port to a file (the driver chooses the file)."""
+    """Give the guest a serial port (ttyS0): logged to a file the driver chooses, and readable
+    and writable while the domain runs as a stream (``dom.console()``)."""
 
     emulator: Annotated[str, Field(strict=True), AfterValidator(_check_emulator)] = "qemu-system-x86_64"
     """The QEMU program: a name looked up on PATH, or an absolute path (libvirt's ``<emulator>``)."""
