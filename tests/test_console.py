@@ -243,6 +243,27 @@ async def test_a_console_that_cannot_be_reached(uri: str, state_root: Path) -> N
             await dom.destroy(timeout=5)
 
 
+async def test_consoles_end_when_the_connection_closes(uri: str) -> None:
+    async with AsyncExitStack() as stack:
+        async with aiovirt.connect(uri) as conn:
+            dom = await conn.create(none_config("closing"))
+            con = await stack.enter_async_context(dom.console())
+            await con.send(b"typed into a machine with no serial device\n")  # QEMU takes it all the same
+        with pytest.raises(anyio.EndOfStream):
+            await con.receive()
+        with pytest.raises(aiovirt.ConnectionClosedError):
+            async with dom.console():
+                pass
+    async with aiovirt.connect(uri) as conn:  # the QEMU lives on; its console is reached again
+        dom = await conn.lookup("closing")
+        try:
+            async with dom.console() as con:
+                assert con.seen == b""
+                await con.send(b"again\n")
+        finally:
+            await dom.destroy(timeout=5)
+
+
 # -- the test driver's scripted console ------------------------------------------------------------
 
 SCRIPT = ConsoleScript(
