@@ -16,7 +16,7 @@ import anyio
 
 from ._broadcast import Subscription
 from ._domain import Domain, DomainTable
-from ._errors import InvalidStateError
+from ._errors import InvalidStateError, InvalidURIError
 from ._fleet import StopPolicy, StopResult, stop_all
 from ._states import DomainEvent
 from ._uri import ParsedURI, parse_uri
@@ -147,9 +147,11 @@ def _open_driver(parsed: ParsedURI, readonly: bool) -> contextlib.AbstractAsyncC
         from .drivers.test import TestDriver
 
         return TestDriver.open(parsed, readonly=readonly)
-    from .drivers.qemu import QemuDriver
+    if parsed.scheme == "qemu":
+        from .drivers.qemu import QemuDriver
 
-    return QemuDriver.open(parsed, readonly=readonly)
+        return QemuDriver.open(parsed, readonly=readonly)
+    raise InvalidURIError(parsed.uri, f"no driver for {parsed.scheme!r} URIs in this version")
 
 
 @asynccontextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,6 +42,9 @@ __all__ = ["QemuDriver"]
 
 logger = logging.getLogger("aiovirt")
 
+#: How long after a pid-less runtime record was written its QEMU may still appear (see
+#: ``QemuDriver._find_late_spawn``).
+_SPAWN_GRACE = 5.0
 #: QEMU 7.2 prints this first, when it waits for the monitor's client (us): it is no complaint.
 _WAITING_NOTICE = "info: QEMU waiting for connection"
 
@@ -326,6 +330,8 @@ class QemuDriver(Driver):
         name = stored.config.name
         uuid = str(stored.config.uuid)
         proc = self._find(record.identity, uuid)
+        if proc is None and record.identity is None:
+            proc = await self._find_late_spawn(name, uuid)
         if proc is None:
             if record.identity is None:
                 why = "no process has its UUID"
@@ -355,6 +361,22 @@ class QemuDriver(Driver):
                 logger.info("domain %r: its console cannot be reached: %s", name, exc)
         observer.attached(machine)
         await self._tg.start(machine.supervise_adopted, record.phase)
+
+    async def _find_late_spawn(self, name: str, uuid: str) -> Process | None:
+        """A pid-less ("starting") record whose QEMU is not found may still get one: a controller
+        killed between fork and exec leaves a child that execs QEMU afterwards (seen on a loaded
+        host, tens of milliseconds later). Look again until ``_SPAWN_GRACE`` after the record was
+        written; a record older than that is answered at once."""
+        try:
+            written = os.stat(self.statedir.runtime_path(name)).st_mtime
+        except OSError:
+            return None
+        while time.time() < written + _SPAWN_GRACE:
+            await anyio.sleep(0.05)
+            proc = self._find(None, uuid)
+            if proc is not None:
+                return proc
+        return None
 
     @staticmethod
     def _find(identity: ProcessIdentity | None, uuid: str) -> Process | None:
