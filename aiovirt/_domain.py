@@ -25,6 +25,7 @@ import anyio
 import anyio.lowlevel
 
 from ._broadcast import Broadcaster, Subscription
+from ._console import Console
 from ._errors import (
     AiovirtError,
     ConfigError,
@@ -283,6 +284,38 @@ class Domain:
         these show what QEMU itself reported, e.g. a button press that a guest ignored.
         """
         return self._machine_for(Operation.COMMAND).monitor_events(max_buffer)
+
+    @asynccontextmanager
+    async def console(
+        self, *, replay: bool = True, max_buffer: int = 256, writer: bool = False
+    ) -> AsyncIterator[Console]:
+        """The guest's serial console while the block is open: ``async with dom.console() as con:``.
+
+        A :class:`~aiovirt._console.Console`: an anyio byte stream (``receive``, ``send``) plus
+        ``await con.expect(pattern)`` and what it saw (``con.seen``, ``con.text``). It starts with
+        what the guest printed in this run before it was opened (the controller keeps the last
+        64 KiB; after a controller restart, what was printed since), unless ``replay`` is false.
+        Every open console reads every byte (each through its own buffer of ``max_buffer``
+        chunks); one at a time may write: the first to send, or the one opened with ``writer``
+        (another's send, or its open with ``writer``, raises :class:`ConsoleBusyError`). The
+        stream ends (``EndOfStream``) when the domain stops or the connection closes. The driver
+        logs the console too (:attr:`console_path`), whether a console is open or not.
+
+        Raises :class:`InvalidStateError` unless the domain is active and its config has
+        ``console`` on, :class:`ConnectionLostError` if the console cannot be reached, and
+        :class:`ReadOnlyError` on a read-only connection (the console belongs to the controller).
+        """
+        operation = Operation.CONSOLE
+        self._check_writable(operation.value)
+        self._lifecycle.check(operation)
+        if not self.config.console:
+            raise InvalidStateError(self.name, operation.value, "configured with console=False")
+        machine = self._run.machine if self._run is not None else None
+        if machine is None:  # a start that has not spawned its machine yet
+            raise InvalidStateError(self.name, operation.value, self.state, self.reason)
+        port = await machine.console()
+        async with port.open(replay=replay, max_buffer=max_buffer, writer=writer) as con:
+            yield con
 
     async def qmp(self, command: str, **arguments: Any) -> Any:
         """Run any QMP command and return its ``return`` value (the escape hatch).

@@ -4,7 +4,9 @@
 ``qemu-system-x86_64 -machine pc -accel tcg -kernel K -initrd I -append CMDLINE -serial ...``, the
 guest prints :attr:`TinyGuest.ready_marker` on its serial console once it listens to the power
 button; QMP ``system_powerdown`` then makes it ``poweroff -f`` (QEMU emits ``SHUTDOWN`` with
-``"guest": true`` and exits 0).
+``"guest": true`` and exits 0). After the marker a busybox shell runs on the serial console
+(prompt :attr:`TinyGuest.shell_prompt`); it asks the terminal for the cursor position
+(``ESC[6n``) at each prompt, so input typed before the prompt is partly swallowed: wait for it.
 
 Everything comes from Debian packages, nothing is compiled:
 
@@ -54,6 +56,7 @@ __all__ = [
     "CMDLINE",
     "READY_MARKER",
     "RECIPE_VERSION",
+    "SHELL_PROMPT",
     "TinyGuest",
     "TinyGuestBuildError",
     "default_cache_dir",
@@ -63,10 +66,12 @@ __all__ = [
 log = logging.getLogger("aiovirt.testing")
 
 #: Part of the cache key: change it whenever anything below changes what gets built.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 6
 #: ``panic=-1``: if /init ever died the guest would reboot at once instead of hanging.
 CMDLINE = "console=ttyS0 quiet panic=-1"
 READY_MARKER = "aiovirt-guest: ready"
+#: The prompt of the shell that runs on the serial console once the guest is ready.
+SHELL_PROMPT = "aiovirt-guest# "
 
 KERNEL_NAME = "kernel"
 INITRD_NAME = "initrd.img"
@@ -98,6 +103,9 @@ mount -t devtmpfs devtmpfs /dev
 say() {{ echo "aiovirt-guest: $*"; }}
 idle() {{ while :; do sleep 3600; done; }}
 fail() {{ say "error: $*"; idle; }}
+# A shell on the serial console, started again whenever it exits (PID 1 must not). ``setsid -c``
+# makes ttyS0 its controlling terminal, so Ctrl-C reaches the command it runs.
+shell() {{ while :; do PS1='{SHELL_PROMPT}' setsid -c sh </dev/ttyS0 >/dev/ttyS0 2>&1; sleep 1; done; }}
 
 # evdev first, so the power button gets its /dev/input/event* node as soon as button.ko registers it
 for m in evdev button; do
@@ -147,7 +155,7 @@ while [ "$i" -lt "$n" ]; do
 done
 
 echo "{READY_MARKER}"
-idle
+shell
 """
 
 
@@ -164,6 +172,8 @@ class TinyGuest:
     cmdline: str
     #: A whole line the guest prints on its serial console once a power-button press will be seen.
     ready_marker: str
+    #: The prompt of the shell on its serial console (started after the ready marker).
+    shell_prompt: str = SHELL_PROMPT
 
     def domain_config(self, name: str, *, memory_mib: int = 128) -> DomainConfig:
         """A ``pc`` domain under TCG (portable: nested KVM hangs Linux guests) that boots this guest."""
