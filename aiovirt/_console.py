@@ -34,9 +34,9 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._broadcast import Broadcaster, Subscription
-from ._errors import AiovirtError, ConnectionLostError
+from ._errors import ConnectionLostError, ConsoleBusyError
 
-__all__ = ["SCROLLBACK", "SEEN_LIMIT", "Console", "ConsoleBusyError", "ConsolePort"]
+__all__ = ["SCROLLBACK", "SEEN_LIMIT", "Console", "ConsolePort"]
 
 SCROLLBACK: Final = 64 << 10
 """How much of a run's console output a port keeps for consoles opened later (bytes)."""
@@ -44,23 +44,6 @@ SCROLLBACK: Final = 64 << 10
 SEEN_LIMIT: Final = 1 << 20
 """How much of what it received a console keeps in :attr:`Console.seen` (bytes; what it has not
 read yet is always kept)."""
-
-
-class ConsoleBusyError(AiovirtError):
-    """Another console of the domain is its writer: only one may write at a time.
-
-    Nothing was sent. ``name`` is the domain's name.
-    """
-
-    def __init__(self, name: str) -> None:
-        super().__init__(
-            f"domain {name!r}: another console is writing to it (one writer at a time; "
-            "close that console, or call its send_eof(), to write from this one)"
-        )
-        self.name = name
-
-
-ConsoleBusyError.__module__ = "aiovirt"
 
 
 class ConsolePort:

@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 import aiovirt
-from aiovirt._console import Console, ConsoleBusyError
+from aiovirt import Console, ConsoleBusyError
 from aiovirt.testing import ConsoleScript, GuestBehaviour, TinyGuest, script_guest
 
 from .conftest import none_config

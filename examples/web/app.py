@@ -42,7 +42,6 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 import aiovirt
-from aiovirt._console import ConsoleBusyError  # to be exported as aiovirt.ConsoleBusyError
 from aiovirt.testing import ensure_tiny_guest
 
 __all__ = ["Settings", "create_app", "create_app_from_env"]
@@ -227,7 +226,7 @@ ERRORS: Mapping[type[aiovirt.AiovirtError], int] = {
     aiovirt.DestroyTimeoutError: 409,
     aiovirt.ConfigError: 422,
     aiovirt.LaunchError: 502,
-    ConsoleBusyError: 409,
+    aiovirt.ConsoleBusyError: 409,
 }
 
 
