@@ -155,7 +155,9 @@ def _open_driver(parsed: ParsedURI, readonly: bool) -> contextlib.AbstractAsyncC
 
 
 @asynccontextmanager
-async def connect(uri: str | None = None, *, readonly: bool = False) -> AsyncIterator[Connection]:
+async def connect(
+    uri: str | None = None, *, readonly: bool = False, autostart: bool = True
+) -> AsyncIterator[Connection]:
     """Open a connection: ``async with aiovirt.connect("qemu:///embed?root=/srv/vms") as conn:``.
 
     The URI defaults to ``$AIOVIRT_DEFAULT_URI``, else ``qemu:///system`` for root and
@@ -167,13 +169,17 @@ async def connect(uri: str | None = None, *, readonly: bool = False) -> AsyncIte
     raises :class:`ReadOnlyError`. What it shows is a snapshot taken when it opened: the
     definitions, the runtime records and the process identity checks (a QEMU is RUNNING, reason
     unknown, when its record and identity say it runs). Reconnect to refresh it.
+
+    A controlling connection starts the shut-off domains marked autostart, as libvirt's daemon
+    does when it starts; ``autostart=False`` leaves them alone (a command that only runs one verb
+    should not start what an operator just destroyed).
     """
     parsed = parse_uri(uri)
     try:
         async with _open_driver(parsed, readonly) as driver:
             conn = Connection(parsed, driver)
             try:
-                await conn._table.load(await driver.load())
+                await conn._table.load(await driver.load(), autostart=autostart)
                 yield conn
             finally:
                 await conn.aclose()

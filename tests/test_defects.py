@@ -364,3 +364,34 @@ async def test_destroy_in_a_cancelled_scope_sends_nothing(conn: aiovirt.Connecti
     assert scope.cancelled_caught
     await anyio.sleep(0.2)
     assert dom.state == S.RUNNING and dom.pid is not None and pid_alive(dom.pid)
+
+
+async def test_a_full_monitor_backlog_never_blocks_the_loop(uri: str, short_handshake: None) -> None:
+    """A stopped QEMU re-listens with a backlog of one: queued attempts fill it. A blocking
+    connect would then wait for ever, with the event loop; it must fail (unreachable) instead."""
+    async with aiovirt.connect(uri) as conn:
+        pid = _pid(await conn.create(none_config("backlog")))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(4):  # each attempt leaves a connection queued in the stopped QEMU
+            with anyio.fail_after(HANG):
+                async with aiovirt.connect(uri) as conn:
+                    dom = await conn.lookup("backlog")
+                    assert (dom.state, dom.reachable) == (S.RUNNING, False)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    async with aiovirt.connect(uri) as conn:
+        with anyio.fail_after(HANG):
+            await (await conn.lookup("backlog")).destroy()
+
+
+async def test_autostart_can_be_left_to_the_controller(uri: str) -> None:
+    async with aiovirt.connect(uri) as conn:
+        dom = await conn.define(none_config("auto"))
+        await dom.set_autostart(True)
+    async with aiovirt.connect(uri, autostart=False) as conn:
+        assert (await conn.lookup("auto")).state == S.SHUTOFF
+    async with aiovirt.connect(uri) as conn:
+        dom = await conn.lookup("auto")
+        assert dom.state == S.RUNNING
+        await dom.destroy()

@@ -4,7 +4,9 @@
 ``qemu-system-x86_64 -machine pc -accel tcg -kernel K -initrd I -append CMDLINE -serial ...``, the
 guest prints :attr:`TinyGuest.ready_marker` on its serial console once it listens to the power
 button; QMP ``system_powerdown`` then makes it ``poweroff -f`` (QEMU emits ``SHUTDOWN`` with
-``"guest": true`` and exits 0).
+``"guest": true`` and exits 0). After the marker a busybox shell runs on the serial console
+(prompt :attr:`TinyGuest.shell_prompt`); it asks the terminal for the cursor position
+(``ESC[6n``) at each prompt, so input typed before the prompt is partly swallowed: wait for it.
 
 A second mode, for data-integrity tests: with ``aiovirt.writer=SEED`` on the kernel command line
 (:meth:`TinyGuest.writer_config`) the guest writes numbered, checksummed blocks to three virtio
@@ -67,6 +69,7 @@ __all__ = [
     "PAYLOAD_LINES",
     "READY_MARKER",
     "RECIPE_VERSION",
+    "SHELL_PROMPT",
     "WRITER_PARAM",
     "WRITTEN_PREFIX",
     "TinyGuest",
@@ -78,10 +81,12 @@ __all__ = [
 log = logging.getLogger("aiovirt.testing")
 
 #: Part of the cache key: change it whenever anything below changes what gets built.
-RECIPE_VERSION = 5
+RECIPE_VERSION = 7
 #: ``panic=-1``: if /init ever died the guest would reboot at once instead of hanging.
 CMDLINE = "console=ttyS0 quiet panic=-1"
 READY_MARKER = "aiovirt-guest: ready"
+#: The prompt of the shell that runs on the serial console once the guest is ready.
+SHELL_PROMPT = "aiovirt-guest# "
 
 KERNEL_NAME = "kernel"
 INITRD_NAME = "initrd.img"
@@ -158,6 +163,9 @@ mount -t devtmpfs devtmpfs /dev
 say() {{ echo "aiovirt-guest: $*"; }}
 idle() {{ while :; do sleep 3600; done; }}
 fail() {{ say "error: $*"; idle; }}
+# A shell on the serial console, started again whenever it exits (PID 1 must not). ``setsid -c``
+# makes ttyS0 its controlling terminal, so Ctrl-C reaches the command it runs.
+shell() {{ while :; do PS1='{SHELL_PROMPT}' setsid -c sh </dev/ttyS0 >/dev/ttyS0 2>&1; sleep 1; done; }}
 
 writer=
 read -r cmdline < /proc/cmdline
@@ -252,7 +260,8 @@ while [ "$i" -lt "$n" ]; do
 done
 
 echo "{READY_MARKER}"
-[ -n "$writer" ] || idle
+# In writer mode the console is the writer's report: no shell there to mix a prompt into it.
+[ -n "$writer" ] || shell
 
 # block DISK N: the header line of block N for DISK (flushed, direct or cached), then the payload
 block() {{
@@ -304,6 +313,8 @@ class TinyGuest:
     cmdline: str
     #: A whole line the guest prints on its serial console once a power-button press will be seen.
     ready_marker: str
+    #: The prompt of the shell on its serial console (started after the ready marker).
+    shell_prompt: str = SHELL_PROMPT
 
     def domain_config(self, name: str, *, memory_mib: int = 128) -> DomainConfig:
         """A ``pc`` domain under TCG (portable: nested KVM hangs Linux guests) that boots this guest."""
@@ -335,7 +346,8 @@ class TinyGuest:
         ``aiovirt.testing._blocks``), each write followed by a console line: fsynced on ``flushed``
         (``FLUSHED n``); with O_DIRECT and no flush on ``direct`` (``DIRECT n``); into the guest's
         page cache on ``cached`` (``WRITTEN n``). It stops when the smallest disk is full, or at a
-        power-button press, which it then honours (``sync``, power off).
+        power-button press, which it then honours (``sync``, power off). No shell runs on its
+        console: the console is the writer's report.
         """
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}")
@@ -819,7 +831,7 @@ def _initramfs(busybox: Path, modules: dict[str, bytes]) -> bytes:
 def _applets(busybox: Path) -> list[str]:
     listed = _run([str(busybox), "--list"], what="list busybox's applets", timeout=30)
     names = {a for a in listed.split() if re.fullmatch(r"[A-Za-z0-9_.\[-]+", a) and a != "busybox"}
-    needed = {"sh", "mount", "insmod", "sleep", "dd", "mkdir", "sync", "poweroff"}
+    needed = {"sh", "mount", "insmod", "sleep", "dd", "mkdir", "sync", "poweroff", "setsid"}
     needed |= {"awk", "sha256sum", "cat", "blockdev"}  # writer mode
     missing = needed - names
     if missing:

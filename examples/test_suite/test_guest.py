@@ -17,18 +17,12 @@ BOOT_TIMEOUT = 180  # seconds: a TCG boot takes a few seconds, far more on a loa
 POWEROFF_TIMEOUT = 60
 
 
-async def wait_for_console(dom: aiovirt.Domain, text: str) -> None:
-    """Return once the guest has printed ``text`` on its serial console (logged to a file)."""
-    log = dom.console_path
-    assert log is not None, "the domain has no console"
-    with anyio.fail_after(BOOT_TIMEOUT):
-        while text not in await anyio.Path(log).read_text(errors="replace"):
-            await anyio.sleep(0.2)
-
-
 async def test_guest_boots_and_powers_off_cleanly(aiovirt_domains: DomainFactory, guest: TinyGuest) -> None:
     async with aiovirt_domains(guest.domain_config("guest")) as dom, dom.subscribe() as events:
-        await wait_for_console(dom, guest.ready_marker)
+        async with dom.console() as con:
+            with anyio.fail_after(BOOT_TIMEOUT):
+                await con.expect(guest.shell_prompt.encode())  # booted, a shell on the console
+            assert guest.ready_marker in con.text
         await dom.shutdown()  # the ACPI power button
         with anyio.fail_after(POWEROFF_TIMEOUT):
             await dom.wait_for_state(aiovirt.DomainState.SHUTOFF)
