@@ -348,6 +348,13 @@ def test_options_that_break_supervision_are_refused(option: str) -> None:
     assert [loc for loc, _ in info.value.errors] == ["extra_args.0"]
 
 
+@pytest.mark.parametrize("value", ["shutdown=pause", "reboot=shutdown,shutdown=pause"])
+def test_an_action_that_keeps_qemu_after_a_power_off_is_refused(value: str) -> None:
+    with pytest.raises(aiovirt.ConfigError, match=r"extra_args\.1: -action shutdown=pause is not allowed"):
+        none_config("paused-off", extra_args=["-action", value])
+    none_config("fine", extra_args=["-action", "reboot=shutdown"])
+
+
 def test_options_that_keep_supervision_are_allowed(tmp_path: Path) -> None:
     cfg = none_config("pidfile", extra_args=["-pidfile", str(tmp_path / "p"), "-name", "x"])
     assert cfg.extra_args[0] == "-pidfile"

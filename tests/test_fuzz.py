@@ -1091,17 +1091,10 @@ local_uris = st.builds(
 )
 
 
-def _bracket_bug(uri: str, result: object) -> bool:
-    """parse_uri lets urllib's ValueError out for an unbalanced or non-IP bracketed host (see
-    test_bracketed_host_is_an_invalid_uri): that one known case is set aside, nothing else."""
-    return type(result) is ValueError and ("[" in uri or "]" in uri)
-
-
 @budget(500)
 @given(uris | remote_uris | local_uris)
 def test_any_uri_is_parsed_or_refused(uri: str) -> None:
     parsed = attempt(lambda: aiovirt.parse_uri(uri), ValueError)  # InvalidURIError is a ValueError
-    assume(not _bracket_bug(uri, parsed))
     if isinstance(parsed, ValueError):
         assert isinstance(parsed, InvalidURIError), repr(parsed)
         assert parsed.uri == uri and parsed.problem
@@ -1120,8 +1113,9 @@ def test_any_uri_is_parsed_or_refused(uri: str) -> None:
         assert parsed.name in ("qemu:///system", "qemu:///session", "test:///default")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="parse_uri lets urllib's ValueError out")
-@pytest.mark.parametrize("uri", ["qemu://[::1", "qemu://[x]/system"])
+@pytest.mark.parametrize(
+    "uri", ["qemu://[::1", "qemu://[x]/system", "test+unix://x]", "qemu+tcp://h:99999/system"]
+)
 def test_bracketed_host_is_an_invalid_uri(uri: str) -> None:
     with pytest.raises(InvalidURIError):
         aiovirt.parse_uri(uri)

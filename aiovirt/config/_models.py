@@ -317,6 +317,11 @@ class DomainConfig(ConfigModel):
             why = SUPERVISION_BREAKING_OPTIONS.get(arg.lstrip("-")) if arg.startswith("-") else None
             if why is not None:
                 problems.append((("extra_args", i), f"{arg} is not allowed: {why}"))
+            elif arg.lstrip("-") == "action" and i + 1 < len(self.extra_args):
+                actions = self.extra_args[i + 1].split(",")
+                if "shutdown=pause" in actions:
+                    why = SUPERVISION_BREAKING_OPTIONS["no-shutdown"]
+                    problems.append((("extra_args", i + 1), f"-action shutdown=pause is not allowed: {why}"))
         if self.kernel is None:
             if self.initrd is not None:
                 problems.append((("initrd",), "needs a kernel"))
