@@ -111,6 +111,12 @@ VERBS: dict[str, VerbSpec] = {
             "aiovirt console-log web-1 --follow",
         ),
         VerbSpec(
+            "console",
+            "write",
+            "attach to a domain's serial console: type to it, see what it prints (Ctrl-] detaches)",
+            "aiovirt console web-1",
+        ),
+        VerbSpec(
             "event",
             "write",
             "wait for lifecycle events (one, or --loop until Ctrl-C or --timeout)",
@@ -291,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep printing what it writes, until it stops or Ctrl-C",
     )
+
+    _domain_arg(_verb_parser(sub, VERBS["console"]))
 
     p = _verb_parser(sub, VERBS["event"])
     p.add_argument("--domain", metavar="NAME", help="only this domain's events")

@@ -11,8 +11,9 @@ import argparse
 import datetime
 import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,6 +321,66 @@ def _event_line(event: aiovirt.DomainEvent) -> str:
     return f"{when}  {event.name}: {event.kind} ({event.detail})"
 
 
+#: virsh's escape character: Ctrl-] (0x1d) ends the session and leaves the guest running.
+_DETACH = b"\x1d"
+
+
+@contextmanager
+def _raw_terminal(fd: int) -> Iterator[None]:
+    """The terminal in raw mode while attached (keys go to the guest as typed, Ctrl-C included), as
+    virsh does; left alone when input is not a terminal."""
+    if not os.isatty(fd):
+        yield
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+async def verb_console(ctx: Context) -> int:
+    async with ctx.open() as conn:
+        dom = await conn.lookup(ctx.args.domain)
+        async with dom.console() as con:
+            stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+            ended = "detached"
+            with _raw_terminal(stdin):
+                # Said once the terminal is raw: what is typed from here on goes to the guest.
+                ctx.out.note(f"Connected to domain '{dom.name}'; escape character is ^] (Ctrl + ])\r")
+                async with anyio.create_task_group() as tg:
+
+                    async def show() -> None:
+                        nonlocal ended
+                        try:
+                            while True:
+                                data = await con.receive()
+                                view = memoryview(data)
+                                while view:
+                                    await anyio.wait_writable(stdout)
+                                    view = view[os.write(stdout, view) :]
+                        except (anyio.EndOfStream, anyio.ClosedResourceError):
+                            ended = "the domain stopped"
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(show)
+                    while True:
+                        await anyio.wait_readable(stdin)
+                        data = os.read(stdin, 4096)
+                        keys, detach, _ = data.partition(_DETACH)
+                        if keys:
+                            await con.send(keys)
+                        if detach or not data:  # Ctrl-], or the end of the input
+                            break
+                    tg.cancel_scope.cancel()
+        ctx.out.note(f"\r\nDisconnected from domain '{dom.name}' ({ended})")
+    return 0
+
+
 async def verb_event(ctx: Context) -> int:
     a = ctx.args
     out = ctx.out
@@ -394,6 +455,7 @@ HANDLERS: dict[str, Handler] = {
     "dumpxml": verb_dumpxml,
     "autostart": verb_autostart,
     "console-log": verb_console_log,
+    "console": verb_console,
     "event": verb_event,
     "stop-all": verb_stop_all,
 }
