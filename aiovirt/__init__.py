@@ -21,6 +21,7 @@ from ._errors import (
     ConfigError,
     ConnectionClosedError,
     ConnectionLostError,
+    ConsoleBusyError,
     DestroyTimeoutError,
     DomainExistsError,
     DomainNotFoundError,
@@ -42,11 +43,13 @@ from .config import Disk, DomainConfig, Nic, PortForward
 if TYPE_CHECKING:
     from ._broadcast import Subscription
     from ._connection import Connection, StateProblem, connect, parse_uri
+    from ._console import Console
     from ._domain import Domain, DomainInfo
     from ._fleet import StopPolicy, StopResult, StopStage
 
 _LAZY = {
     "Subscription": "._broadcast",
+    "Console": "._console",
     "Connection": "._connection",
     "connect": "._connection",
     "parse_uri": "._uri",
@@ -75,6 +78,8 @@ __all__ = [
     "Connection",
     "ConnectionClosedError",
     "ConnectionLostError",
+    "Console",
+    "ConsoleBusyError",
     "DestroyTimeoutError",
     "Disk",
     "Domain",

@@ -16,7 +16,7 @@ import anyio
 
 from ._broadcast import Subscription
 from ._domain import Domain, DomainTable
-from ._errors import InvalidStateError
+from ._errors import InvalidStateError, InvalidURIError
 from ._fleet import StopPolicy, StopResult, stop_all
 from ._states import DomainEvent
 from ._uri import ParsedURI, parse_uri
@@ -151,13 +151,17 @@ def _open_driver(parsed: ParsedURI, readonly: bool) -> contextlib.AbstractAsyncC
         from .drivers.remote import RemoteDriver
 
         return RemoteDriver.open(parsed, readonly=readonly)
-    from .drivers.qemu import QemuDriver
+    if parsed.scheme == "qemu":
+        from .drivers.qemu import QemuDriver
 
-    return QemuDriver.open(parsed, readonly=readonly)
+        return QemuDriver.open(parsed, readonly=readonly)
+    raise InvalidURIError(parsed.uri, f"no driver for {parsed.scheme!r} URIs in this version")
 
 
 @asynccontextmanager
-async def connect(uri: str | None = None, *, readonly: bool = False) -> AsyncIterator[Connection]:
+async def connect(
+    uri: str | None = None, *, readonly: bool = False, autostart: bool = True
+) -> AsyncIterator[Connection]:
     """Open a connection: ``async with aiovirt.connect("qemu:///embed?root=/srv/vms") as conn:``.
 
     The URI defaults to ``$AIOVIRT_DEFAULT_URI``, else ``qemu:///system`` for root and
@@ -169,13 +173,17 @@ async def connect(uri: str | None = None, *, readonly: bool = False) -> AsyncIte
     raises :class:`ReadOnlyError`. What it shows is a snapshot taken when it opened: the
     definitions, the runtime records and the process identity checks (a QEMU is RUNNING, reason
     unknown, when its record and identity say it runs). Reconnect to refresh it.
+
+    A controlling connection starts the shut-off domains marked autostart, as libvirt's daemon
+    does when it starts; ``autostart=False`` leaves them alone (a command that only runs one verb
+    should not start what an operator just destroyed).
     """
     parsed = parse_uri(uri)
     try:
         async with _open_driver(parsed, readonly) as driver:
             conn = Connection(parsed, driver)
             try:
-                await conn._table.load(await driver.load())
+                await conn._table.load(await driver.load(), autostart=autostart)
                 yield conn
             finally:
                 await conn.aclose()

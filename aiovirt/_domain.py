@@ -25,6 +25,7 @@ import anyio
 import anyio.lowlevel
 
 from ._broadcast import Broadcaster, Subscription
+from ._console import Console
 from ._errors import (
     AiovirtError,
     ConfigError,
@@ -283,6 +284,38 @@ class Domain:
         these show what QEMU itself reported, e.g. a button press that a guest ignored.
         """
         return self._machine_for(Operation.COMMAND).monitor_events(max_buffer)
+
+    @asynccontextmanager
+    async def console(
+        self, *, replay: bool = True, max_buffer: int = 256, writer: bool = False
+    ) -> AsyncIterator[Console]:
+        """The guest's serial console while the block is open: ``async with dom.console() as con:``.
+
+        A :class:`~aiovirt._console.Console`: an anyio byte stream (``receive``, ``send``) plus
+        ``await con.expect(pattern)`` and what it saw (``con.seen``, ``con.text``). It starts with
+        what the guest printed in this run before it was opened (the controller keeps the last
+        64 KiB; after a controller restart, what was printed since), unless ``replay`` is false.
+        Every open console reads every byte (each through its own buffer of ``max_buffer``
+        chunks); one at a time may write: the first to send, or the one opened with ``writer``
+        (another's send, or its open with ``writer``, raises :class:`ConsoleBusyError`). The
+        stream ends (``EndOfStream``) when the domain stops or the connection closes. The driver
+        logs the console too (:attr:`console_path`), whether a console is open or not.
+
+        Raises :class:`InvalidStateError` unless the domain is active and its config has
+        ``console`` on, :class:`ConnectionLostError` if the console cannot be reached, and
+        :class:`ReadOnlyError` on a read-only connection (the console belongs to the controller).
+        """
+        operation = Operation.CONSOLE
+        self._check_writable(operation.value)
+        self._lifecycle.check(operation)
+        if not self.config.console:
+            raise InvalidStateError(self.name, operation.value, "configured with console=False")
+        machine = self._run.machine if self._run is not None else None
+        if machine is None:  # a start that has not spawned its machine yet
+            raise InvalidStateError(self.name, operation.value, self.state, self.reason)
+        port = await machine.console()
+        async with port.open(replay=replay, max_buffer=max_buffer, writer=writer) as con:
+            yield con
 
     async def qmp(self, command: str, **arguments: Any) -> Any:
         """Run any QMP command and return its ``return`` value (the escape hatch).
@@ -611,9 +644,9 @@ class DomainTable:
 
     # -- opening and closing --------------------------------------------------------------------
 
-    async def load(self, stored: Sequence[StoredDomain]) -> None:
+    async def load(self, stored: Sequence[StoredDomain], *, autostart: bool = True) -> None:
         """Fill the table from the driver's records, take back running machines (concurrently, so
-        a connection costs one monitor timeout, not one per domain), then autostart."""
+        a connection costs one monitor timeout, not one per domain), then autostart (unless not)."""
         adopt: list[tuple[Domain, StoredDomain]] = []
         for entry in stored:
             dom = Domain(self, entry.config, persistent=entry.persistent, autostart=entry.autostart)
@@ -629,7 +662,7 @@ class DomainTable:
             for dom, entry in adopt:
                 tg.start_soon(take_back, dom, entry)
         async with anyio.create_task_group() as tg:
-            for dom in list(self._by_name.values()):
+            for dom in list(self._by_name.values()) if autostart and not self.driver.readonly else ():
                 if dom.autostart and not dom.active:
                     tg.start_soon(self._autostart, dom)
         self._connecting = False
@@ -640,6 +673,7 @@ class DomainTable:
         except AiovirtError as exc:
             path = self.driver.definition_path(dom.name) or Path(dom.name)
             self._failed_autostarts.append(StateProblem(path, "autostart", str(exc)))
+            logger.warning("domain %r: autostart failed: %s", dom.name, exc)
 
     def close(self) -> None:
         self.closed = True

@@ -10,6 +10,7 @@
     ├── DomainNotFoundError         no domain of that name
     ├── DomainExistsError           a domain of that name (or UUID) already exists
     ├── InvalidStateError           the operation is not allowed in the domain's state
+    ├── ConsoleBusyError            another console of the domain is its writer
     ├── LaunchError                 QEMU exited (or could not be executed) while starting
     ├── DestroyTimeoutError         graceful destroy: the process outlived SIGTERM's timeout
     ├── ProcessBusyError            even SIGKILL did not end the process (uninterruptible sleep)
@@ -45,6 +46,7 @@ __all__ = [
     "ConfigError",
     "ConnectionClosedError",
     "ConnectionLostError",
+    "ConsoleBusyError",
     "DestroyTimeoutError",
     "DomainExistsError",
     "DomainNotFoundError",
@@ -139,6 +141,20 @@ class InvalidStateError(AiovirtError):
         self.operation = operation
         self.state = state
         self.reason = reason
+
+
+class ConsoleBusyError(AiovirtError):
+    """Another console of the domain is its writer: only one may write at a time.
+
+    Nothing was sent. ``name`` is the domain's name.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"domain {name!r}: another console is writing to it (one writer at a time; "
+            "close that console, or call its send_eof(), to write from this one)"
+        )
+        self.name = name
 
 
 class LaunchError(AiovirtError):

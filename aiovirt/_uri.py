@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from ._errors import InvalidURIError
 
@@ -77,10 +77,19 @@ def _query(text: str, raw: str) -> dict[str, list[str]]:
     return query
 
 
+def _split(text: str) -> SplitResult:
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - urllib checks the port (and a bracketed host) only when asked
+    except ValueError as exc:
+        raise InvalidURIError(text, f"malformed: {exc}") from exc
+    return parts
+
+
 def parse_uri(uri: str | None = None) -> ParsedURI:
     """Resolve a connection URI. Raises :class:`InvalidURIError`."""
     text = default_uri() if uri is None else uri
-    parts = urlsplit(text)
+    parts = _split(text)
     if "+" in parts.scheme:
         return _parse_remote(text)
     if parts.scheme not in ("qemu", "test"):
@@ -128,7 +137,7 @@ def parse_uri(uri: str | None = None) -> ParsedURI:
 
 
 def _parse_remote(text: str) -> ParsedURI:
-    parts = urlsplit(text)
+    parts = _split(text)
     driver, _, transport = parts.scheme.partition("+")
     if driver not in _REMOTE_DRIVERS:
         raise InvalidURIError(text, f"unknown driver {driver!r} for a daemon; expected 'qemu' or 'test'")

@@ -28,6 +28,7 @@ import os
 import random
 import signal
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -106,6 +107,27 @@ async def die_at(uri: str, point: str, name: str) -> None:
             return proc
 
         aiovirt.drivers.qemu._process.Process.spawn = spawn_then_die  # type: ignore[method-assign]
+    elif point == "before-exec":
+        # A controller killed between fork and exec: its child execs QEMU after the parent's death.
+        def fork_then_die(argv: Any, *, output_fd: int, pass_fds: Any = ()) -> Any:
+            child = os.fork()
+            if child == 0:
+                try:
+                    os.setsid()
+                    devnull = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(devnull, 0)
+                    os.dup2(output_fd, 1)  # let go of the test's pipes at once, as QEMU would
+                    os.dup2(output_fd, 2)
+                    time.sleep(1.0)
+                    for fd in pass_fds:
+                        os.set_inheritable(fd, True)
+                    os.execvp(argv[0], list(argv))
+                finally:
+                    os._exit(127)
+            say("forked", child)
+            die()
+
+        aiovirt.drivers.qemu._process.Process.spawn = fork_then_die  # type: ignore[method-assign]
     elif point == "before-cont":
         execute = aiovirt.qmp._client.QMPClient.execute
 

@@ -147,6 +147,7 @@ FULL_JSON = {
             "bus": "virtio",
             "cache": "none",
             "readonly": False,
+            "transient": False,
         },
         {
             "path": "/srv/img/seed.raw",
@@ -154,6 +155,7 @@ FULL_JSON = {
             "bus": "ide",
             "cache": "writethrough",
             "readonly": False,
+            "transient": False,
         },
     ],
     "nics": [

@@ -68,6 +68,7 @@ format = "qcow2"
 bus = "virtio"
 cache = "writeback"
 readonly = false
+transient = false
 
 [[disks]]
 path = "/img/seed.img"
@@ -75,6 +76,7 @@ format = "raw"
 bus = "ide"
 cache = "writeback"
 readonly = false
+transient = false
 
 [[nics]]
 model = "virtio"

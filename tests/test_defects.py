@@ -348,6 +348,13 @@ def test_options_that_break_supervision_are_refused(option: str) -> None:
     assert [loc for loc, _ in info.value.errors] == ["extra_args.0"]
 
 
+@pytest.mark.parametrize("value", ["shutdown=pause", "reboot=shutdown,shutdown=pause"])
+def test_an_action_that_keeps_qemu_after_a_power_off_is_refused(value: str) -> None:
+    with pytest.raises(aiovirt.ConfigError, match=r"extra_args\.1: -action shutdown=pause is not allowed"):
+        none_config("paused-off", extra_args=["-action", value])
+    none_config("fine", extra_args=["-action", "reboot=shutdown"])
+
+
 def test_options_that_keep_supervision_are_allowed(tmp_path: Path) -> None:
     cfg = none_config("pidfile", extra_args=["-pidfile", str(tmp_path / "p"), "-name", "x"])
     assert cfg.extra_args[0] == "-pidfile"
@@ -364,3 +371,34 @@ async def test_destroy_in_a_cancelled_scope_sends_nothing(conn: aiovirt.Connecti
     assert scope.cancelled_caught
     await anyio.sleep(0.2)
     assert dom.state == S.RUNNING and dom.pid is not None and pid_alive(dom.pid)
+
+
+async def test_a_full_monitor_backlog_never_blocks_the_loop(uri: str, short_handshake: None) -> None:
+    """A stopped QEMU re-listens with a backlog of one: queued attempts fill it. A blocking
+    connect would then wait for ever, with the event loop; it must fail (unreachable) instead."""
+    async with aiovirt.connect(uri) as conn:
+        pid = _pid(await conn.create(none_config("backlog")))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(4):  # each attempt leaves a connection queued in the stopped QEMU
+            with anyio.fail_after(HANG):
+                async with aiovirt.connect(uri) as conn:
+                    dom = await conn.lookup("backlog")
+                    assert (dom.state, dom.reachable) == (S.RUNNING, False)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    async with aiovirt.connect(uri) as conn:
+        with anyio.fail_after(HANG):
+            await (await conn.lookup("backlog")).destroy()
+
+
+async def test_autostart_can_be_left_to_the_controller(uri: str) -> None:
+    async with aiovirt.connect(uri) as conn:
+        dom = await conn.define(none_config("auto"))
+        await dom.set_autostart(True)
+    async with aiovirt.connect(uri, autostart=False) as conn:
+        assert (await conn.lookup("auto")).state == S.SHUTOFF
+    async with aiovirt.connect(uri) as conn:
+        dom = await conn.lookup("auto")
+        assert dom.state == S.RUNNING
+        await dom.destroy()

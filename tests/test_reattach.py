@@ -288,6 +288,25 @@ async def test_controller_crash_during_start(
         await dom.destroy()
 
 
+async def test_controller_crash_between_fork_and_exec(anyio_backend: str, uri: str, state_root: Path) -> None:
+    """Killed after the fork but before the exec: the child execs QEMU a moment after its parent's
+    death, so the next controller may find a pid-less record and no QEMU yet. It must wait for it
+    (a short grace after the record was written), not call it gone: that would leave the QEMU
+    running unmanaged."""
+    lines = await run_controller(
+        anyio_backend, uri, "die-at", "before-exec", "late", returncode=-signal.SIGKILL
+    )
+    [forked] = lines
+    child = int(forked.split()[1])
+    assert runtime_record(state_root, "late")["phase"] == "starting"
+    assert qemu_pids(str(state_root)) == set()  # not exec'd yet
+    async with aiovirt.connect(uri) as conn:
+        dom = await conn.lookup("late")
+        assert (dom.state, dom.reason, dom.pid) == (S.RUNNING, R.BOOTED, child), dom
+        await dom.destroy()
+    assert qemu_pids(str(state_root)) == set()
+
+
 # -- QEMU dies while no controller runs; its pid is reused ------------------------------------------
 
 

@@ -210,11 +210,21 @@ class Nic(ConfigModel):
 
 
 class Disk(ConfigModel):
-    """A disk image attached to the guest. The file is not checked here: QEMU opens it at start."""
+    """A disk image attached to the guest. The file is not checked here: QEMU opens it at start.
+
+    A *transient* disk (``transient=True``, libvirt's ``<transient shareBacking='yes'/>``) is a
+    throwaway copy of ``path``: at every start the driver creates a qcow2 overlay whose backing
+    image is ``path``, in its own state (``qemu:///``: ``ROOT/overlays/NAME.diskI.qcow2``); the
+    guest reads the base through it and writes only to it, and it is deleted when the run ends,
+    however it ends. The base is opened read-only and never written, so any number of domains
+    (and transient disks) may share one base. A base that is missing, or not an image of
+    ``format``, fails the start with :class:`~aiovirt.LaunchError` and leaves nothing behind.
+    """
 
     path: _AbsolutePath
-    """The image file, an absolute path. Any character but NUL and line breaks is allowed:
-    the file name reaches QEMU exactly (a ``,`` does not start a new option)."""
+    """The image file, an absolute path (of a transient disk: its base image). Any character but
+    NUL and line breaks is allowed: the file name reaches QEMU exactly (a ``,`` does not start a
+    new option)."""
 
     format: Literal["raw", "qcow2"] = "raw"
     """The image format; never probed from the file's contents."""
@@ -228,6 +238,24 @@ class Disk(ConfigModel):
     readonly: _Flag = False
     """Open the image read-only and show the guest a read-only disk (virtio only: QEMU cannot
     attach a read-only image to an IDE hard disk)."""
+
+    transient: _Flag = False
+    """Give the guest a throwaway copy-on-write overlay of ``path`` for each run (see above); the
+    image at ``path`` is never written. Not with ``readonly`` (a read-only disk has nothing to
+    throw away)."""
+
+    @model_validator(mode="after")
+    def _check_transient(self) -> Self:
+        if self.transient and self.readonly:
+            raise CrossFieldErrors(
+                [(("transient",), "a read-only disk is never written: it needs no throwaway overlay")]
+            )
+        return self
+
+    @property
+    def writes_image(self) -> bool:
+        """Whether the guest writes the image at ``path`` (neither read-only nor transient)."""
+        return not (self.readonly or self.transient)
 
 
 class DomainConfig(ConfigModel):
@@ -271,7 +299,8 @@ class DomainConfig(ConfigModel):
     """Network cards, in the order the guest sees them."""
 
     console: _Flag = True
-    """Capture the first serial port to a file (the driver chooses the file)."""
+    """Give the guest a serial port (ttyS0): logged to a file the driver chooses, and readable
+    and writable while the domain runs as a stream (``dom.console()``)."""
 
     emulator: Annotated[str, Field(strict=True), AfterValidator(_check_emulator)] = "qemu-system-x86_64"
     """The QEMU program: a name looked up on PATH, or an absolute path (libvirt's ``<emulator>``)."""
@@ -288,6 +317,11 @@ class DomainConfig(ConfigModel):
             why = SUPERVISION_BREAKING_OPTIONS.get(arg.lstrip("-")) if arg.startswith("-") else None
             if why is not None:
                 problems.append((("extra_args", i), f"{arg} is not allowed: {why}"))
+            elif arg.lstrip("-") == "action" and i + 1 < len(self.extra_args):
+                actions = self.extra_args[i + 1].split(",")
+                if "shutdown=pause" in actions:
+                    why = SUPERVISION_BREAKING_OPTIONS["no-shutdown"]
+                    problems.append((("extra_args", i + 1), f"-action shutdown=pause is not allowed: {why}"))
         if self.kernel is None:
             if self.initrd is not None:
                 problems.append((("initrd",), "needs a kernel"))
@@ -323,7 +357,7 @@ class DomainConfig(ConfigModel):
         first_use: dict[Path, int] = {}
         for j, disk in enumerate(self.disks):
             i = first_use.setdefault(disk.path, j)
-            if i != j and not (disk.readonly and self.disks[i].readonly):
+            if i != j and (disk.writes_image or self.disks[i].writes_image):
                 problems.append(
                     (("disks", j, "path"), f"same image as disks.{i}: a writable image can be used only once")
                 )

@@ -14,10 +14,16 @@ The argv, in this order (each part always in the same place, so logs and golden 
     -audiodev none,id=noaudio                       not for machine none
     -S                                              when paused
     -chardev socket,id=monitor,fd=FD,server=on,wait=on  -mon chardev=monitor,mode=control
-    -chardev file,id=console0,path=PATH -serial chardev:console0       when console_path and config.console
+    -chardev socket,id=console0,fd=FD,server=on,wait=on,logfile=PATH -serial chardev:console0
+                                                    when console_fd and config.console (logfile= when
+                                                    console_path); else, with only console_path:
+    -chardev file,id=console0,path=PATH -serial chardev:console0
     -kernel PATH -initrd PATH -append CMDLINE       each when set
     per disk i:  -blockdev {"node-name": "diskI-file", ...} -blockdev {"node-name": "diskI-format", ...}
                  -device {"id": "diskI", "drive": "diskI-format", ...}
+                 a transient disk first gets its base, read-only: -blockdev {"node-name": "diskI-base-file"}
+                 -blockdev {"node-name": "diskI-base", ...}; then diskI-file is its overlay and
+                 diskI-format the qcow2 node over it, with "backing": "diskI-base"
     per nic i:   -netdev user,id=netI[,hostfwd=...] -device {"id": "nicI", "netdev": "netI", ...}
     EXTRA_ARGS
 
@@ -28,7 +34,13 @@ Why these choices (checked with QEMU 7.2):
   passes when a guest has no sound card: QEMU never probes a host audio backend.
 - The monitor is a listening unix socket that the driver binds (0600, in the state directory)
   and passes to QEMU as file descriptor ``FD``: a socket path is limited to 107 bytes, the
-  state directory's path is not (libvirt does the same).
+  state directory's path is not (libvirt does the same). The serial console is one too, with
+  ``logfile=`` so that QEMU itself logs every byte the guest prints, whether a client is
+  connected or not (QEMU >= 5.2 logs output it could not send). ``wait=on``: QEMU accepts the
+  controller's already-queued connection while it starts, so nothing the guest prints is missed.
+- A transient disk's base is a node of its own, read-only, given to the overlay's qcow2 node as
+  ``backing``: QEMU never opens the backing file named inside the overlay, and QEMU's image
+  locking refuses any writer of the base while a domain uses it.
 - Quoting. QEMU reads most options as ``key=value,key=value`` (QemuOpts/keyval), where a ``,``
   inside a value is written ``,,``. Every value that lands there goes through
   :func:`qemu_opt_escape`: the console path does (a user's state directory may contain a comma).
@@ -55,7 +67,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ._models import CacheMode, Disk, DomainConfig, Nic
@@ -100,32 +112,18 @@ def _accel(accel: str) -> list[str]:
     return ["-accel", accel]
 
 
-def _disk_args(config: DomainConfig) -> Iterable[str]:
+def _disk_args(config: DomainConfig, overlays: Mapping[int, str]) -> Iterable[str]:
     ide_index = 0
     for i, disk in enumerate(config.disks):
         direct, no_flush, write_cache = CACHE_MODES[disk.cache]
         cache = {"direct": direct, "no-flush": no_flush}
         file_node, format_node = f"disk{i}-file", f"disk{i}-format"
-        yield "-blockdev"
-        yield _json(
-            {
-                "driver": "file",
-                "filename": str(disk.path),
-                "node-name": file_node,
-                "read-only": disk.readonly,
-                "cache": cache,
-            }
-        )
-        yield "-blockdev"
-        yield _json(
-            {
-                "driver": disk.format,
-                "file": file_node,
-                "node-name": format_node,
-                "read-only": disk.readonly,
-                "cache": cache,
-            }
-        )
+        image, image_format, backing = str(disk.path), disk.format, None
+        if disk.transient:
+            backing = f"disk{i}-base"
+            yield from _image_nodes(str(disk.path), disk.format, f"{backing}-file", backing, True, cache)
+            image, image_format = overlays[i], "qcow2"
+        yield from _image_nodes(image, image_format, file_node, format_node, disk.readonly, cache, backing)
         device: dict[str, Any] = {
             "driver": _disk_driver(config, disk),
             "id": f"disk{i}",
@@ -137,6 +135,33 @@ def _disk_args(config: DomainConfig) -> Iterable[str]:
         device["write-cache"] = "on" if write_cache else "off"
         yield "-device"
         yield _json(device)
+
+
+def _image_nodes(
+    filename: str,
+    image_format: str,
+    file_node: str,
+    format_node: str,
+    readonly: bool,
+    cache: dict[str, bool],
+    backing: str | None = None,
+) -> Iterable[str]:
+    yield "-blockdev"
+    yield _json(
+        {
+            "driver": "file",
+            "filename": filename,
+            "node-name": file_node,
+            "read-only": readonly,
+            "cache": cache,
+        }
+    )
+    node: dict[str, Any] = {"driver": image_format, "file": file_node}
+    if backing is not None:
+        node["backing"] = backing
+    node.update({"node-name": format_node, "read-only": readonly, "cache": cache})
+    yield "-blockdev"
+    yield _json(node)
 
 
 def _disk_driver(config: DomainConfig, disk: Disk) -> str:
@@ -176,20 +201,35 @@ def _nic_driver(config: DomainConfig, nic: Nic) -> str:
 
 
 def render_argv(
-    config: DomainConfig, *, monitor_fd: int, console_path: str | None, paused: bool = True
+    config: DomainConfig,
+    *,
+    monitor_fd: int,
+    console_path: str | None,
+    paused: bool = True,
+    console_fd: int | None = None,
+    overlays: Mapping[int, str] | None = None,
 ) -> list[str]:
     """QEMU's argv for ``config``; ``argv[0]`` is ``config.emulator``.
 
     ``monitor_fd`` is a listening unix socket's file descriptor, inherited by QEMU, that becomes
-    the QMP monitor. ``console_path`` is the file the first serial port is written to; with None,
-    or with ``config.console`` false, the guest has no serial port. ``paused`` adds ``-S``: the
-    guest CPUs wait for QMP ``cont``.
+    the QMP monitor. ``console_fd``, another such socket, becomes the first serial port, logged
+    to ``console_path`` if given; without ``console_fd`` the serial port is written to the file
+    ``console_path``. With neither, or with ``config.console`` false, the guest has no serial
+    port. ``overlays`` maps the index of each transient disk to the path of its overlay (made
+    beforehand). ``paused`` adds ``-S``: the guest CPUs wait for QMP ``cont``.
 
     The order of the arguments is documented in this module's docstring and never depends on
     anything but the arguments: the same inputs give the same argv.
     """
-    if isinstance(monitor_fd, bool) or not isinstance(monitor_fd, int) or monitor_fd < 0:
-        raise ValueError(f"monitor_fd must be a file descriptor number, not {monitor_fd!r}")
+    for what, fd in (("monitor_fd", monitor_fd), ("console_fd", console_fd)):
+        if fd is None and what == "console_fd":
+            continue
+        if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
+            raise ValueError(f"{what} must be a file descriptor number, not {fd!r}")
+    overlays = dict(overlays or {})
+    for i, disk in enumerate(config.disks):
+        if disk.transient and ("\x00" in overlays.get(i, "\x00") or not overlays[i].startswith("/")):
+            raise ValueError(f"render_argv needs the absolute path of the overlay of transient disk {i}")
     if config.uuid is None:
         raise ValueError("render_argv needs a config with a UUID (define/create assign one)")
     if console_path is not None and "\x00" in console_path:
@@ -223,7 +263,11 @@ def render_argv(
         "-mon",
         f"chardev={_MONITOR_ID},mode=control",
     ]
-    if console_path is not None and config.console:
+    if console_fd is not None and config.console:
+        log = {"logfile": console_path} if console_path is not None else {}
+        chardev = _opts("socket", id=_CONSOLE_ID, fd=str(console_fd), server="on", wait="on", **log)
+        argv += ["-chardev", chardev, "-serial", f"chardev:{_CONSOLE_ID}"]
+    elif console_path is not None and config.console:
         argv += [
             "-chardev",
             _opts("file", id=_CONSOLE_ID, path=console_path),
@@ -237,7 +281,7 @@ def render_argv(
         argv += ["-initrd", str(config.initrd)]
     if config.cmdline is not None:
         argv += ["-append", config.cmdline]
-    argv += _disk_args(config)
+    argv += _disk_args(config, overlays)
     argv += _nic_args(config)
     argv += config.extra_args
     return argv

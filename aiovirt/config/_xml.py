@@ -13,7 +13,8 @@ machine                ``<os><type arch='x86_64' machine=...>hvm</type>``: QEMU'
                        microvm, none), which libvirt resolves to the emulator's newest version
 kernel/initrd/cmdline  ``<os><kernel>``, ``<initrd>``, ``<cmdline>``
 disks                  ``<disk type='file' device='disk'>`` with ``<driver name='qemu' type=FORMAT
-                       cache=MODE>``, ``<source file>``, ``<target dev bus>``, ``<readonly/>``. IDE disks
+                       cache=MODE>``, ``<source file>``, ``<target dev bus>``, ``<readonly/>``,
+                       ``<transient shareBacking='yes'/>`` (its base is shared by every domain). IDE disks
                        are ``hda``..``hdd`` on pc, and ``bus='sata'`` ``sda``..``sdf`` on q35, where
                        aiovirt's ``ide`` disks sit on the ICH9 AHCI ports as libvirt's SATA disks do
 nics                   ``<interface type='user'>`` with ``<mac>``, ``<model type='virtio'|'e1000'>``;
@@ -174,6 +175,8 @@ def _disks(cfg: DomainConfig, devices: _E) -> None:
         element.add("target", dev=disk_target(prefix, index), bus=bus)
         if disk.readonly:
             element.add("readonly")
+        if disk.transient:
+            element.add("transient", shareBacking="yes")
 
 
 def _nic(nic: Nic, devices: _E) -> None:

@@ -712,7 +712,16 @@ class _Reader:
             elif name in ("address", "alias", "backingStore"):
                 self.accept(child)  # where libvirt put it; the backing chain QEMU reads from the image
             elif name == "transient":
-                self.error(child, "aiovirt keeps what the guest writes (no transient disks)")
+                if child.attrs.get("shareBacking") != "yes":
+                    self.error(
+                        child,
+                        "a transient disk whose base is not shared: aiovirt's transient disks always "
+                        "share their base image with other domains (<transient shareBacking='yes'/>)",
+                    )
+                    continue
+                self.mapped(child)
+                self.attrs(child, {"shareBacking"})
+                disk["transient"] = True
             elif name == "encryption":
                 self.error(child, "aiovirt cannot open encrypted images")
             elif name in _DISK_WARN:

@@ -10,7 +10,10 @@ lifecycle table (:mod:`aiovirt._lifecycle`). That is the whole seam:
 - it launches a machine for a config, or adopts one an earlier connection left running, reporting
   ``observer.attached(machine)`` as soon as a machine exists and then its happenings;
 - a machine takes signals (SIGTERM, SIGKILL: the destroy primitives), the power button, pause,
-  resume, reset, and monitor commands, and tells whether its process is gone.
+  resume, reset, and monitor commands, and tells whether its process is gone;
+- a machine whose config has ``console`` on offers its serial console as a
+  :class:`~aiovirt._console.ConsolePort` (:meth:`Machine.console`): the driver feeds it the guest's
+  output and writes the guest's input; :class:`~aiovirt._console.Console` does the rest.
 
 Every driver keeps the same errors: :class:`~aiovirt.LaunchError` when a start fails,
 :class:`~aiovirt.ConnectionLostError` when a machine's monitor cannot be reached,
@@ -28,6 +31,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .._broadcast import Subscription
+from .._console import ConsolePort
+from .._errors import ConnectionLostError
 from .._lifecycle import Happening
 from ..config import DomainConfig
 from ..qmp._codec import Event
@@ -114,6 +119,14 @@ class Machine(abc.ABC):
 
     async def reset(self) -> None:
         await self.command("system_reset")
+
+    async def console(self) -> ConsolePort:
+        """The serial console of this run (only asked of a machine whose config has ``console``).
+
+        Raises :class:`~aiovirt.ConnectionLostError` when it cannot be reached (e.g. a machine
+        taken back from a controller that did not serve consoles).
+        """
+        raise ConnectionLostError(f"{type(self).__name__} has no serial console")
 
     @abc.abstractmethod
     def stats(self) -> tuple[float, int, float]:

@@ -14,6 +14,10 @@ honours SIGTERM. :class:`GuestBehaviour` scripts a domain otherwise (set it with
 ``MockClock(autojump_threshold=0)`` a 60-second ACPI timeout costs no wall time. While no
 connection to a host is open its guests' clocks stand still (nothing supervises them).
 
+A guest whose config has ``console`` on has a serial console (``dom.console()``) that plays the
+:class:`ConsoleScript` of its behaviour: what it prints once booted, the prompt, and what it
+answers to each line typed; its output is kept for the run (later connections see it too).
+
 Monitor commands answered: ``query-status``, ``query-name``, ``query-uuid``, ``system_powerdown``,
 ``stop``, ``cont``, ``system_reset``; any other is a :class:`~aiovirt.CommandError`
 (``CommandNotFound``), as QEMU answers an unknown command.
@@ -25,7 +29,7 @@ import itertools
 import signal
 import time
 import uuid as uuid_mod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,6 +39,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from .._broadcast import Broadcaster, Subscription
+from .._console import ConsolePort
 from .._errors import CommandError, ConnectionLostError, LaunchError
 from .._lifecycle import Happening
 from .._uri import ParsedURI
@@ -42,7 +47,31 @@ from ..config import DomainConfig
 from ..qmp._codec import Event
 from ._base import Driver, Machine, MachineObserver, StateProblem, StoredDomain
 
-__all__ = ["GuestBehaviour", "TestDriver", "TestHost"]
+__all__ = ["ConsoleScript", "GuestBehaviour", "TestDriver", "TestHost"]
+
+_BACKSPACES = (0x08, 0x7F)
+
+
+@dataclass(frozen=True)
+class ConsoleScript:
+    """What a test guest's serial console does: a line-based pretend shell.
+
+    ::
+
+        ConsoleScript(boot=b"Linux booting\r\nlogin ok\r\n", prompt=b"# ",
+                      answers={b"uname": b"Linux\r\n"}, unknown=b"sh: not found\r\n")
+
+    The guest prints ``boot`` then ``prompt`` as it boots (before ``start()`` returns). Each
+    line typed (ended by ``\r``, ``\n`` or ``\r\n``) is looked up in ``answers``; the guest
+    prints the answer (``unknown`` for a line not there), then ``prompt`` again. With ``echo``,
+    what is typed is echoed as a terminal does (line ends as ``\r\n``; backspace erases).
+    """
+
+    boot: bytes = b""
+    prompt: bytes = b""
+    answers: Mapping[bytes, bytes] = field(default_factory=dict)
+    unknown: bytes = b""
+    echo: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,6 +94,8 @@ class GuestBehaviour:
     """The start fails with this message (:class:`~aiovirt.LaunchError`), as QEMU refusing its config."""
     boot_delay: float = 0.0
     """How long the start takes (the domain is PAUSED/starting_up meanwhile)."""
+    console: ConsoleScript = field(default_factory=ConsoleScript)
+    """What its serial console prints and answers (when its config has ``console`` on)."""
 
 
 @dataclass
@@ -76,6 +107,9 @@ class _Run:
     status: Literal["running", "paused", "shutdown"] = "running"
     started_at: float = field(default_factory=time.time)
     pending_term: bool = False  # a SIGTERM it ignored (delivered if it is ever "continued")
+    console_output: bytearray = field(default_factory=bytearray)  # the console's scrollback
+    console_line: bytearray = field(default_factory=bytearray)  # what was typed since the last line end
+    console_after_cr: bool = False  # the last byte typed was a \r (a \n right after it ends no line)
 
 
 @dataclass
@@ -131,6 +165,8 @@ class _TestMachine(Machine):
         self._killed = False
         self._booted = False
         self._deaf = anyio.Event()  # never set: a stopped process's monitor never answers
+        self._console = ConsolePort(run.config.name, self._typed, scrollback=run.console_output)
+        driver.machines.add(self)
 
     @property
     def pid(self) -> int | None:
@@ -145,7 +181,9 @@ class _TestMachine(Machine):
         self._exited = True
         self.exit_seen.set()
         self._driver.host.runs.pop(self._run.config.name, None)
+        self._driver.machines.discard(self)
         self._events.close()
+        self._console.close("the domain stopped")
         self._observer.happened(Happening.EXITED)
 
     def _shutdown(self, *, guest: bool) -> None:
@@ -236,6 +274,49 @@ class _TestMachine(Machine):
     def monitor_events(self, max_buffer: int) -> AbstractContextManager[Subscription[Event]]:
         return self._events.subscribe(max_buffer)
 
+    async def console(self) -> ConsolePort:
+        await anyio.lowlevel.checkpoint()
+        return self._console
+
+    def boot_console(self) -> None:
+        script = self._run.behaviour.console
+        self._console.feed(script.boot + script.prompt)
+
+    def close_console(self) -> None:
+        self._console.close("the connection was closed")
+
+    async def _typed(self, data: bytes) -> None:
+        """What a console sends: the guest's tty echoes it and its pretend shell answers lines."""
+        await anyio.lowlevel.checkpoint()
+        run = self._run
+        if self._exited:
+            raise ConnectionLostError(f"domain {run.config.name!r}: its console is gone")
+        if run.behaviour.sigterm == "ignore":
+            return  # a stopped process reads nothing
+        script = run.behaviour.console
+        out = bytearray()
+        for byte in data:
+            if byte in b"\r\n":
+                after_cr, run.console_after_cr = run.console_after_cr, byte == ord("\r")
+                if byte == ord("\n") and after_cr:
+                    continue  # the \n of a \r\n
+                line = bytes(run.console_line)
+                run.console_line.clear()
+                out += (b"\r\n" if script.echo else b"") + script.answers.get(line, script.unknown)
+                out += script.prompt
+                continue
+            run.console_after_cr = False
+            if byte in _BACKSPACES:
+                if run.console_line:
+                    del run.console_line[-1]
+                    if script.echo:
+                        out += b"\b \b"
+            else:
+                run.console_line.append(byte)
+                if script.echo:
+                    out.append(byte)
+        self._console.feed(bytes(out))
+
     def stats(self) -> tuple[float, int, float]:
         return 0.0, 0, max(0.0, time.time() - self._run.started_at)
 
@@ -253,16 +334,21 @@ class TestDriver(Driver):
         self.host = host
         self._tg = tg
         self._counter = itertools.count(1)
+        #: Machines with a live run, whose consoles end when this connection closes.
+        self.machines: set[_TestMachine] = set()
 
     @classmethod
     @asynccontextmanager
     async def open(cls, uri: ParsedURI, *, readonly: bool = False) -> AsyncIterator[TestDriver]:
         host = default_host() if uri.driver == "default" else TestHost()
         async with anyio.create_task_group() as tg:
+            driver = cls(uri, host, tg, readonly=readonly)
             try:
-                yield cls(uri, host, tg, readonly=readonly)
+                yield driver
             finally:
                 tg.cancel_scope.cancel()
+                for machine in list(driver.machines):
+                    machine.close_console()
 
     async def aclose(self) -> None:
         self._tg.cancel_scope.cancel()
@@ -313,6 +399,7 @@ class TestDriver(Driver):
                 machine._exit()  # a cancelled start ends its guest
             raise
         machine._booted = True
+        machine.boot_console()
         observer.happened(Happening.BOOTED)
         if behaviour.crash_after is not None:
             self._tg.start_soon(machine.crash_after, behaviour.crash_after)

@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..drivers.test import GuestBehaviour, TestHost
+    from ..drivers.test import ConsoleScript, GuestBehaviour, TestHost
     from ._guest import TinyGuest, TinyGuestBuildError, ensure_tiny_guest
     from ._script import script_guest
 
 __all__ = [
+    "ConsoleScript",
     "GuestBehaviour",
     "TestHost",
     "TinyGuest",
@@ -26,6 +27,7 @@ _LAZY = {
     "TinyGuest": "._guest",
     "TinyGuestBuildError": "._guest",
     "ensure_tiny_guest": "._guest",
+    "ConsoleScript": "..drivers.test",
     "GuestBehaviour": "..drivers.test",
     "TestHost": "..drivers.test",
     "script_guest": "._script",

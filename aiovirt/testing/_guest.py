@@ -4,7 +4,15 @@
 ``qemu-system-x86_64 -machine pc -accel tcg -kernel K -initrd I -append CMDLINE -serial ...``, the
 guest prints :attr:`TinyGuest.ready_marker` on its serial console once it listens to the power
 button; QMP ``system_powerdown`` then makes it ``poweroff -f`` (QEMU emits ``SHUTDOWN`` with
-``"guest": true`` and exits 0).
+``"guest": true`` and exits 0). After the marker a busybox shell runs on the serial console
+(prompt :attr:`TinyGuest.shell_prompt`); it asks the terminal for the cursor position
+(``ESC[6n``) at each prompt, so input typed before the prompt is partly swallowed: wait for it.
+
+A second mode, for data-integrity tests: with ``aiovirt.writer=SEED`` on the kernel command line
+(:meth:`TinyGuest.writer_config`) the guest writes numbered, checksummed blocks to three virtio
+disks (fsynced; written with O_DIRECT and never flushed; only written to its page cache) and
+reports each on its console; ``aiovirt.testing._blocks`` checks the images afterwards. Without it
+the guest only idles.
 
 Everything comes from Debian packages, nothing is compiled:
 
@@ -12,7 +20,8 @@ Everything comes from Debian packages, nothing is compiled:
   cached is the ELF ``vmlinux`` inside its ``boot/vmlinuz-*``, which QEMU boots through the PVH entry
   point: under TCG that starts the guest in about 2.5 s instead of 6.5 s (the kernel's own xz
   decompressor is what is slow). A kernel without a PVH note is cached as the bzImage itself.
-  The ACPI ``button`` and ``evdev`` drivers are modules there and are copied into the initramfs;
+  The ACPI ``button`` and ``evdev`` drivers, and virtio-blk over PCI for writer mode, are modules
+  there and are copied into the initramfs;
 - the initramfs holds busybox-static's ``/bin/busybox`` and a shell ``/init`` (see ``INIT_SCRIPT``),
   written as a newc cpio by this module (no root needed for the device node it contains).
 
@@ -47,13 +56,22 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from ..config import DomainConfig
+from ..config import Disk, DomainConfig
 
 __all__ = [
+    "BLOCK_SIZE",
     "CMDLINE",
+    "DIRECT_PREFIX",
+    "FLUSHED_PREFIX",
+    "HEADER_SIZE",
+    "PAYLOAD_LINES",
     "READY_MARKER",
     "RECIPE_VERSION",
+    "SHELL_PROMPT",
+    "WRITER_PARAM",
+    "WRITTEN_PREFIX",
     "TinyGuest",
     "TinyGuestBuildError",
     "default_cache_dir",
@@ -63,10 +81,12 @@ __all__ = [
 log = logging.getLogger("aiovirt.testing")
 
 #: Part of the cache key: change it whenever anything below changes what gets built.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 7
 #: ``panic=-1``: if /init ever died the guest would reboot at once instead of hanging.
 CMDLINE = "console=ttyS0 quiet panic=-1"
 READY_MARKER = "aiovirt-guest: ready"
+#: The prompt of the shell that runs on the serial console once the guest is ready.
+SHELL_PROMPT = "aiovirt-guest# "
 
 KERNEL_NAME = "kernel"
 INITRD_NAME = "initrd.img"
@@ -79,14 +99,59 @@ _BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 _APT_TIMEOUT = 900.0  # seconds: a 70 MB download on a slow mirror
 _LOCK_WAIT_LOG_INTERVAL = 30.0
 
-# (kernel config option, module name, path below lib/modules/<version>/kernel/) of each driver /init needs
+# (kernel config option, module name, path below lib/modules/<version>/kernel/, required), in the order
+# /init loads them. An optional module is one that only some kernel configurations split out.
 _DRIVERS = (
-    ("CONFIG_INPUT_EVDEV", "evdev", "drivers/input/evdev"),
-    ("CONFIG_ACPI_BUTTON", "button", "drivers/acpi/button"),
+    ("CONFIG_INPUT_EVDEV", "evdev", "drivers/input/evdev", True),
+    ("CONFIG_ACPI_BUTTON", "button", "drivers/acpi/button", True),
+    # writer mode only: virtio-blk over PCI, dependencies first
+    ("CONFIG_VIRTIO", "virtio_ring", "drivers/virtio/virtio_ring", True),
+    ("CONFIG_VIRTIO", "virtio", "drivers/virtio/virtio", True),
+    ("CONFIG_VIRTIO_PCI_LIB", "virtio_pci_modern_dev", "drivers/virtio/virtio_pci_modern_dev", False),
+    ("CONFIG_VIRTIO_PCI_LIB_LEGACY", "virtio_pci_legacy_dev", "drivers/virtio/virtio_pci_legacy_dev", False),
+    ("CONFIG_VIRTIO_PCI", "virtio_pci", "drivers/virtio/virtio_pci", True),
+    ("CONFIG_VIRTIO_BLK", "virtio_blk", "drivers/block/virtio_blk", True),
+)
+_BUTTON_MODULES = ("evdev", "button")
+_WRITER_MODULES = tuple(name for _option, name, _path, _required in _DRIVERS if name not in _BUTTON_MODULES)
+
+# -- writer mode: the block format, shared with aiovirt.testing._blocks, which checks the images --
+
+#: The kernel command-line parameter that turns the writer on; its value is the pattern's seed.
+WRITER_PARAM = "aiovirt.writer"
+#: What the writer prints on the console, one whole line per block: after fsyncing it to the first
+#: disk; after writing it with O_DIRECT (so QEMU has it, but no flush was asked) to the second; after
+#: writing it (to the guest's page cache only) to the third.
+FLUSHED_PREFIX = "FLUSHED "
+DIRECT_PREFIX = "DIRECT "
+WRITTEN_PREFIX = "WRITTEN "
+BLOCK_SIZE = 4096
+#: A text header line, space-padded to this size with a final newline; the payload fills the rest.
+HEADER_SIZE = 256
+#: The payload: PAYLOAD_LINES lines of "%07d %07d\n" (line index, then a MINSTD step mod 10^7).
+PAYLOAD_LINES = (BLOCK_SIZE - HEADER_SIZE) // 16
+MAX_SEED = 2**31 - 1
+
+# busybox awk computes in doubles: every product stays below 2**53, so the guest and
+# aiovirt.testing._blocks.expected_payload agree exactly.
+_PAYLOAD_AWK = (
+    "BEGIN { x = (seed * 7919 + n * 104729 + 1) % 2147483647; if (x == 0) x = 1;"
+    f" for (i = 0; i < {PAYLOAD_LINES}; i++) {{ x = (x * 48271) % 2147483647;"
+    ' printf "%07d %07d\\n", i, x % 10000000 } }'
 )
 
 # PID 1 of the guest, run by busybox's ash. Events written to an evdev node before it is opened are
 # lost, so each reader opens its device before signalling, and the ready marker waits for all readers.
+#
+# Writer mode (aiovirt.writer=SEED): block n goes to offset n*4096 of three disks, each with its own
+# console line once written: /dev/vda with conv=fsync (the fsync also flushes the disk's write cache:
+# QEMU has made it durable in the image) -> "FLUSHED n"; /dev/vdb with oflag=direct (past the page
+# cache, so QEMU has it, in its own caches, but no flush was asked) -> "DIRECT n"; /dev/vdc plainly
+# (the guest's page cache only) -> "WRITTEN n". Two kernel rules shape this: the last close of a
+# block device writes back its page cache, so PID 1 holds every device open until power-off (each
+# dd's close is never the last); and fsync of a block device writes back all of that device's dirty
+# pages, so each kind of write has a disk of its own. The power button stops the writer between
+# blocks (as an init stops processes before it syncs), then syncs: every block reported is in the sync.
 INIT_SCRIPT = f"""\
 #!/bin/busybox sh
 # /init of aiovirt's tiny test guest (PID 1: must never exit).
@@ -98,13 +163,50 @@ mount -t devtmpfs devtmpfs /dev
 say() {{ echo "aiovirt-guest: $*"; }}
 idle() {{ while :; do sleep 3600; done; }}
 fail() {{ say "error: $*"; idle; }}
+# A shell on the serial console, started again whenever it exits (PID 1 must not). ``setsid -c``
+# makes ttyS0 its controlling terminal, so Ctrl-C reaches the command it runs.
+shell() {{ while :; do PS1='{SHELL_PROMPT}' setsid -c sh </dev/ttyS0 >/dev/ttyS0 2>&1; sleep 1; done; }}
+
+writer=
+read -r cmdline < /proc/cmdline
+for arg in $cmdline; do
+    case "$arg" in
+        {WRITER_PARAM}=*) writer=${{arg#{WRITER_PARAM}=}} ;;
+    esac
+done
+case "$writer" in
+    *[!0-9]*) fail "{WRITER_PARAM}= wants a decimal seed, not '$writer'" ;;
+esac
+
+load() {{
+    for m in "$@"; do
+        if [ -e "/lib/modules/$m.ko" ]; then
+            insmod "/lib/modules/$m.ko" || fail "insmod $m.ko failed"
+        fi
+    done
+}}
 
 # evdev first, so the power button gets its /dev/input/event* node as soon as button.ko registers it
-for m in evdev button; do
-    if [ -e "/lib/modules/$m.ko" ]; then
-        insmod "/lib/modules/$m.ko" || fail "insmod $m.ko failed"
-    fi
-done
+load {" ".join(_BUTTON_MODULES)}
+
+if [ -n "$writer" ]; then
+    load {" ".join(_WRITER_MODULES)}
+    n=0
+    while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ] || [ ! -b /dev/vdc ]; do
+        n=$((n + 1))
+        [ "$n" -lt 600 ] || fail "writer mode needs three virtio disks: no /dev/vda, vdb and vdc after 30 s"
+        sleep 0.05
+    done
+    # a failed redirection of exec would end PID 1: try it in a subshell first
+    ( exec 3<>/dev/vda 4<>/dev/vdb 5<>/dev/vdc ) 2>/dev/null || fail "cannot open /dev/vda, vdb and vdc"
+    exec 3<>/dev/vda 4<>/dev/vdb 5<>/dev/vdc
+    # Periodic writeback an hour away: a block on /dev/vdc stays in the page cache until a sync (or
+    # the background threshold, 10% of RAM, far above what a run writes). Not 0, which turns the
+    # periodic flush off but, measured here, has the first pages of a device written back at once.
+    for knob in dirty_writeback_centisecs dirty_expire_centisecs; do
+        echo 360000 > "/proc/sys/vm/$knob" || fail "cannot set vm.$knob"
+    done
+fi
 
 # The event device shows up a little after insmod returns: wait for the power button's node.
 n=0
@@ -121,6 +223,16 @@ while :; do
     sleep 0.05
 done
 
+stop_writer() {{
+    [ -n "$writer" ] || return 0
+    : > /run/writer.stop
+    w=0
+    while [ ! -e /run/writer.stopped ] && [ "$w" -lt 200 ]; do
+        sleep 0.05
+        w=$((w + 1))
+    done
+}}
+
 # One reader per event device: the first event read is the button press (nothing else sends input).
 mkdir -p /run/readers
 n=0
@@ -129,6 +241,7 @@ for dev in /dev/input/event*; do
         : > "/run/readers/$n"
         if dd bs=4096 count=1 of=/dev/null 2>/dev/null; then
             say "power button pressed, powering off"
+            stop_writer
             sync
             poweroff -f
         fi
@@ -147,6 +260,42 @@ while [ "$i" -lt "$n" ]; do
 done
 
 echo "{READY_MARKER}"
+# In writer mode the console is the writer's report: no shell there to mix a prompt into it.
+[ -n "$writer" ] || shell
+
+# block DISK N: the header line of block N for DISK (flushed, direct or cached), then the payload
+block() {{
+    printf '%-{HEADER_SIZE - 1}s\\n' "AIOVIRT-BLOCK v1 disk=$1 seed=$writer seq=$2 sha256=$sum"
+    cat /run/payload
+}}
+payload_awk='{_PAYLOAD_AWK}'
+blocks=
+for d in vda vdb vdc; do
+    size=$(blockdev --getsize64 "/dev/$d") || fail "blockdev --getsize64 /dev/$d failed"
+    size=$((size / {BLOCK_SIZE}))
+    if [ -z "$blocks" ] || [ "$size" -lt "$blocks" ]; then blocks=$size; fi
+done
+n=0
+while [ ! -e /run/writer.stop ]; do
+    if [ "$n" -ge "$blocks" ]; then say "writer: the disks are full"; break; fi
+    awk -v seed="$writer" -v n="$n" "$payload_awk" > /run/payload || fail "awk failed"
+    set -- $(sha256sum /run/payload)
+    sum=$1
+    block flushed "$n" > /run/block
+    dd if=/run/block of=/dev/vda bs={BLOCK_SIZE} seek="$n" count=1 conv=notrunc,fsync 2>/dev/null \\
+        || fail "writing block $n to /dev/vda failed"
+    echo "{FLUSHED_PREFIX}$n"
+    block direct "$n" > /run/block
+    dd if=/run/block of=/dev/vdb bs={BLOCK_SIZE} seek="$n" count=1 conv=notrunc oflag=direct 2>/dev/null \\
+        || fail "writing block $n to /dev/vdb failed"
+    echo "{DIRECT_PREFIX}$n"
+    block cached "$n" > /run/block
+    dd if=/run/block of=/dev/vdc bs={BLOCK_SIZE} seek="$n" count=1 conv=notrunc 2>/dev/null \\
+        || fail "writing block $n to /dev/vdc failed"
+    echo "{WRITTEN_PREFIX}$n"
+    n=$((n + 1))
+done
+: > /run/writer.stopped
 idle
 """
 
@@ -164,6 +313,8 @@ class TinyGuest:
     cmdline: str
     #: A whole line the guest prints on its serial console once a power-button press will be seen.
     ready_marker: str
+    #: The prompt of the shell on its serial console (started after the ready marker).
+    shell_prompt: str = SHELL_PROMPT
 
     def domain_config(self, name: str, *, memory_mib: int = 128) -> DomainConfig:
         """A ``pc`` domain under TCG (portable: nested KVM hangs Linux guests) that boots this guest."""
@@ -175,6 +326,44 @@ class TinyGuest:
             kernel=self.kernel,
             initrd=self.initrd,
             cmdline=self.cmdline,
+        )
+
+    def writer_config(
+        self,
+        name: str,
+        *,
+        seed: int,
+        flushed: Path,
+        direct: Path,
+        cached: Path,
+        image_format: Literal["raw", "qcow2"] = "qcow2",
+        memory_mib: int = 128,
+    ) -> DomainConfig:
+        """:meth:`domain_config` in writer mode, with ``flushed``, ``direct`` and ``cached`` as
+        ``/dev/vda``, ``vdb`` and ``vdc`` (virtio, ``cache=writeback``, the images made beforehand).
+
+        Once ready, the guest writes block 0, 1, 2... to the three disks (see ``INIT_SCRIPT`` and
+        ``aiovirt.testing._blocks``), each write followed by a console line: fsynced on ``flushed``
+        (``FLUSHED n``); with O_DIRECT and no flush on ``direct`` (``DIRECT n``); into the guest's
+        page cache on ``cached`` (``WRITTEN n``). It stops when the smallest disk is full, or at a
+        power-button press, which it then honours (``sync``, power off). No shell runs on its
+        console: the console is the writer's report.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}")
+        disks = [
+            Disk(path=path, format=image_format, bus="virtio", cache="writeback")
+            for path in (flushed, direct, cached)
+        ]
+        return DomainConfig(
+            name=name,
+            machine="pc",
+            accel="tcg",
+            memory_mib=memory_mib,
+            kernel=self.kernel,
+            initrd=self.initrd,
+            cmdline=f"{self.cmdline} {WRITER_PARAM}={seed}",
+            disks=disks,
         )
 
 
@@ -457,7 +646,7 @@ def _extract_kernel(dpkg_deb: str, deb: Path) -> tuple[bytes, dict[str, bytes]]:
     module_re = re.compile(
         r"^(?:\./)?(?:usr/)?lib/modules/[^/]+/kernel/(?P<path>.+)\.ko(?:\.(?P<comp>xz|zst|gz))?$"
     )
-    wanted = {path: name for _option, name, path in _DRIVERS}
+    wanted = {path: name for _option, name, path, _required in _DRIVERS}
     kernels: dict[str, bytes] = {}
     configs: list[bytes] = []
     modules: dict[str, bytes] = {}
@@ -501,16 +690,17 @@ def _extract_kernel(dpkg_deb: str, deb: Path) -> tuple[bytes, dict[str, bytes]]:
         raise TinyGuestBuildError(f"{deb.name} holds {len(kernels)} boot/vmlinuz-* files, expected one")
     config = b"\n".join(configs).decode(errors="replace")
     needed: dict[str, bytes] = {}
-    for option, name, path in _DRIVERS:
+    for option, name, path, required in _DRIVERS:
         value = re.search(rf"^{option}=(\S+)$", config, re.MULTILINE)
         if value and value[1] == "y":
             continue  # built in: nothing to load
-        if name not in modules:
+        if name in modules:
+            needed[name] = modules[name]
+        elif required or (value and value[1] == "m"):
             raise TinyGuestBuildError(
                 f"{deb.name} has no {path}.ko module and its config does not build {option} in "
                 f"({option}={value[1] if value else 'unset'}): this kernel cannot run the tiny guest"
             )
-        needed[name] = modules[name]
     return next(iter(kernels.values())), needed
 
 
@@ -641,7 +831,9 @@ def _initramfs(busybox: Path, modules: dict[str, bytes]) -> bytes:
 def _applets(busybox: Path) -> list[str]:
     listed = _run([str(busybox), "--list"], what="list busybox's applets", timeout=30)
     names = {a for a in listed.split() if re.fullmatch(r"[A-Za-z0-9_.\[-]+", a) and a != "busybox"}
-    missing = {"sh", "mount", "insmod", "sleep", "dd", "mkdir", "sync", "poweroff"} - names
+    needed = {"sh", "mount", "insmod", "sleep", "dd", "mkdir", "sync", "poweroff", "setsid"}
+    needed |= {"awk", "sha256sum", "cat", "blockdev"}  # writer mode
+    missing = needed - names
     if missing:
         raise TinyGuestBuildError(f"{busybox} lacks applets the guest's /init needs: {sorted(missing)}")
     return sorted(names)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -25,6 +27,7 @@ from ...config import DomainConfig, render_argv
 from ...qmp._client import QMPClient
 from .._base import Driver, MachineObserver, StateProblem, StoredDomain
 from ._machine import QemuMachine, ReadOnlyMachine
+from ._overlay import create_overlays, remove_overlays, transient_disks
 from ._process import Process, ProcessIdentity, find_processes_with_arg, read_identity
 from ._records import (
     RuntimeRecord,
@@ -39,6 +42,9 @@ __all__ = ["QemuDriver"]
 
 logger = logging.getLogger("aiovirt")
 
+#: How long after a pid-less runtime record was written its QEMU may still appear (see
+#: ``QemuDriver._find_late_spawn``).
+_SPAWN_GRACE = 5.0
 #: QEMU 7.2 prints this first, when it waits for the monitor's client (us): it is no complaint.
 _WAITING_NOTICE = "info: QEMU waiting for connection"
 
@@ -79,6 +85,10 @@ class QemuDriver(Driver):
     async def aclose(self) -> None:
         self._tg.cancel_scope.cancel()
 
+    def start_task(self, func: Callable[[], Coroutine[Any, Any, object]]) -> None:
+        """Run ``func`` in the driver's task group (it ends when the connection closes)."""
+        self._tg.start_soon(func)
+
     @property
     def problems(self) -> Sequence[StateProblem]:
         return tuple(self._problems)
@@ -115,19 +125,38 @@ class QemuDriver(Driver):
     # -- launching ------------------------------------------------------------------------------
 
     async def launch(self, config: DomainConfig, observer: MachineObserver, *, persistent: bool) -> None:
-        """Spawn QEMU (paused), attach the monitor, start the CPUs. See ``Domain.start``."""
+        """Make the overlays of transient disks, spawn QEMU (paused), attach the monitor and the
+        console, start the CPUs. See ``Domain.start``."""
         sd = self.statedir
         name = config.name
         log_fd, log_offset = sd.open_log(name)
         sock: socket.socket | None = None
+        console_sock: socket.socket | None = None
+        overlays: dict[int, str] = {}
         try:
+            overlays = await create_overlays(sd, config, log_fd)
+            log_offset = os.lseek(log_fd, 0, os.SEEK_END)  # QEMU's complaints start here
             # We bind the monitor socket and hand QEMU the listening fd (as libvirt does): no socket
             # path limit, and our connection is queued before QEMU even runs, so no polling for it.
+            # The serial console's socket likewise.
             listener = sd.bind_monitor(name)
+            console_listener = sd.bind_console(name) if config.console else None
             try:
                 sock = sd.connect_monitor(name)
                 console = str(sd.prepare_console(name)) if config.console else None
-                argv = render_argv(config, monitor_fd=listener.fileno(), console_path=console, paused=True)
+                console_fd = None
+                if console_listener is not None:
+                    console_sock = sd.connect_console(name)
+                    console_fd = console_listener.fileno()
+                argv = render_argv(
+                    config,
+                    monitor_fd=listener.fileno(),
+                    console_path=console,
+                    console_fd=console_fd,
+                    overlays=overlays,
+                    paused=True,
+                )
+                pass_fds = [listener.fileno()] + ([console_fd] if console_fd is not None else [])
                 # Recorded before the spawn: a crash right after it must not leave an unknown QEMU.
                 # No pid yet: that waits for the "running" record (each replacing rename costs a
                 # flush on ext4); the next connection finds such a QEMU by its -uuid.
@@ -135,9 +164,10 @@ class QemuDriver(Driver):
                     name, encode_runtime(config, phase="starting", identity=None, transient=not persistent)
                 )
                 try:
-                    proc = Process.spawn(argv, output_fd=log_fd, pass_fds=[listener.fileno()])
+                    proc = Process.spawn(argv, output_fd=log_fd, pass_fds=pass_fds)
                 except OSError as exc:
                     sd.remove_runtime(name)
+                    remove_overlays(sd, name, overlays)
                     observer.happened(Happening.EXITED)
                     raise LaunchError(
                         name,
@@ -147,16 +177,22 @@ class QemuDriver(Driver):
                     ) from exc
             finally:
                 listener.close()  # QEMU holds its own copy; once it exits our connection sees EOF
+                if console_listener is not None:
+                    console_listener.close()
         except BaseException:
-            # Nothing was spawned (or it could not be): leave no socket, no record behind.
-            if sock is not None:
-                sock.close()
+            # Nothing was spawned (or it could not be): leave no socket, record or overlay behind.
+            for opened in (sock, console_sock):
+                if opened is not None:
+                    opened.close()
             sd.remove_runtime(name)
+            remove_overlays(sd, name, overlays)
             raise
         finally:
             os.close(log_fd)
 
         machine = QemuMachine(self, config, proc, observer, transient=not persistent)
+        if console_sock is not None:
+            machine.serve_console(console_sock)
         observer.attached(machine)
 
         async def on_ready(qmp: QMPClient) -> None:
@@ -254,6 +290,13 @@ class QemuDriver(Driver):
             else:
                 found[name] = StoredDomain(defined.config, True, defined.autostart, record)
         self._report_earlier_set_asides(sd.run, "runtime")
+        if not self.readonly:
+            # Overlays of runs that ended unwatched before their record was written (a crash
+            # between qemu-img and the spawn) or whose record is gone (a wiped RUN after a reboot).
+            for name, indexes in sd.overlay_owners().items():
+                entry = found.get(name)
+                if entry is None or entry.runtime is None:
+                    remove_overlays(sd, name, indexes)
         return [found[name] for name in sorted(found)]
 
     async def _orphan_note(self, name: str) -> str:
@@ -287,6 +330,8 @@ class QemuDriver(Driver):
         name = stored.config.name
         uuid = str(stored.config.uuid)
         proc = self._find(record.identity, uuid)
+        if proc is None and record.identity is None:
+            proc = await self._find_late_spawn(name, uuid)
         if proc is None:
             if record.identity is None:
                 why = "no process has its UUID"
@@ -297,6 +342,7 @@ class QemuDriver(Driver):
             logger.info("domain %r: its QEMU exited while no controller ran (%s); shut off", name, why)
             if not self.readonly:
                 self.statedir.remove_runtime(name)
+                remove_overlays(self.statedir, name, transient_disks(stored.config))
             observer.happened(Happening.GONE)
             return
         if self.readonly:
@@ -306,8 +352,31 @@ class QemuDriver(Driver):
             observer.happened(Happening.ADOPTED_RUNNING)
             return
         machine = QemuMachine(self, stored.config, proc, observer, transient=not stored.persistent)
+        if stored.config.console:
+            # Its console listens again since the last controller left; a QEMU started without a
+            # console socket has none (console() then says so).
+            try:
+                machine.serve_console(self.statedir.connect_console(name))
+            except (OSError, StateDirError) as exc:
+                logger.info("domain %r: its console cannot be reached: %s", name, exc)
         observer.attached(machine)
         await self._tg.start(machine.supervise_adopted, record.phase)
+
+    async def _find_late_spawn(self, name: str, uuid: str) -> Process | None:
+        """A pid-less ("starting") record whose QEMU is not found may still get one: a controller
+        killed between fork and exec leaves a child that execs QEMU afterwards (seen on a loaded
+        host, tens of milliseconds later). Look again until ``_SPAWN_GRACE`` after the record was
+        written; a record older than that is answered at once."""
+        try:
+            written = os.stat(self.statedir.runtime_path(name)).st_mtime
+        except OSError:
+            return None
+        while time.time() < written + _SPAWN_GRACE:
+            await anyio.sleep(0.05)
+            proc = self._find(None, uuid)
+            if proc is not None:
+                return proc
+        return None
 
     @staticmethod
     def _find(identity: ProcessIdentity | None, uuid: str) -> Process | None:

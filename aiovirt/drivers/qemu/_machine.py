@@ -16,15 +16,19 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ..._broadcast import Subscription
-from ..._errors import AiovirtError, ConnectionLostError, ReadOnlyError
+from ..._console import ConsolePort
+from ..._errors import AiovirtError, ConnectionLostError, ReadOnlyError, StateDirError
 from ..._lifecycle import Happening
 from ...config import DomainConfig
 from ...qmp._client import QMPClient
 from ...qmp._codec import Event
 from .._base import Machine, MachineObserver
+from ._overlay import remove_overlays, transient_disks
 from ._process import Process, proc_state
+from ._serial import SerialConsole
 
 if TYPE_CHECKING:
     from ._driver import QemuDriver
@@ -76,6 +80,7 @@ class QemuMachine(Machine):
         # A QEMU being taken back has no state yet: its events before its status is known (the
         # "cont" that finishes an interrupted start, say) are not news.
         self._reporting = True
+        self._serial: SerialConsole | None = None
 
     @property
     def pid(self) -> int:
@@ -113,6 +118,27 @@ class QemuMachine(Machine):
     def stats(self) -> tuple[float, int, float]:
         return self._proc.cpu_time(), self._proc.rss_bytes(), self._proc.uptime()
 
+    def serve_console(self, sock: socket.socket) -> None:
+        """Read the console through ``sock`` (connected to QEMU's console socket) from now on."""
+        self._serial = SerialConsole(self._name, sock)
+        self._driver.start_task(self._serial.serve)
+
+    async def console(self) -> ConsolePort:
+        serial = self._serial
+        if serial is None or (serial.port.closed and not self._proc.poll()):
+            # Taken back from a controller that did not serve this console, or QEMU dropped us.
+            try:
+                sock = self._driver.statedir.connect_console(self._name)
+            except (OSError, StateDirError) as exc:
+                raise ConnectionLostError(
+                    f"domain {self._name!r}: its console cannot be reached ({exc})"
+                ) from exc
+            self.serve_console(sock)
+            serial = self._serial
+            assert serial is not None
+        await anyio.lowlevel.checkpoint()
+        return serial.port
+
     def set_persistent(self, persistent: bool) -> None:
         self.transient = not persistent
         self._driver.write_running_record(self)
@@ -134,6 +160,7 @@ class QemuMachine(Machine):
 
     def _exited(self) -> None:
         self._driver.statedir.remove_runtime(self._name)
+        remove_overlays(self._driver.statedir, self._name, transient_disks(self.config))
         self._observer.happened(Happening.EXITED)
 
     async def supervise_launch(
@@ -279,6 +306,7 @@ class QemuMachine(Machine):
                 if not announced:
                     # Gone before we could tell its status: it exited while nobody watched.
                     self._driver.statedir.remove_runtime(self._name)
+                    remove_overlays(self._driver.statedir, self._name, transient_disks(self.config))
                     self._observer.happened(Happening.GONE)
                     task_status.started()
                 else:
@@ -315,6 +343,9 @@ class ReadOnlyMachine(Machine):
 
     def monitor_events(self, max_buffer: int) -> AbstractContextManager[Subscription[Event]]:
         raise ReadOnlyError(self._driver.uri, "watch the monitor")
+
+    async def console(self) -> ConsolePort:
+        raise ReadOnlyError(self._driver.uri, "open the console")  # it belongs to the controller
 
     def stats(self) -> tuple[float, int, float]:
         return self._proc.cpu_time(), self._proc.rss_bytes(), self._proc.uptime()

@@ -8,9 +8,12 @@ under DIR, with ``RUN = DIR/run``)::
       domains/NAME.json 0600  persistent definitions (see _records for the formats)
       log/NAME.log      0600  QEMU's stdout and stderr, appended at every start
       log/NAME.console  0600  the serial console, when the config enables it
+      overlays/         0700
+        NAME.diskI.qcow2 0600 the copy-on-write overlay of a transient disk, for one run
     RUN/                0700
       NAME.json         0600  runtime record of a domain with a QEMU process (pid, start time, ...)
       NAME.qmp          0600  its QMP monitor socket (bound by us, listened on by QEMU)
+      NAME.serial       0600  its serial console's socket (bound by us, listened on by QEMU)
 
 Every record is written atomically: a temporary file in the same directory, then ``rename``. A
 crash at any instant leaves the old or the new file, never a torn one; stale temporary files are
@@ -30,6 +33,7 @@ import errno
 import fcntl
 import itertools
 import os
+import re
 import socket
 import stat
 import struct
@@ -72,6 +76,7 @@ class StateDir:
         self.run = Path(run) if run is not None else self.root / "run"
         self.domains = self.root / "domains"
         self.logs = self.root / "log"
+        self.overlays = self.root / "overlays"
         self._fds: dict[Path, int] = {}
         self._lock_fd: int | None = None
         self._lock_key = (0, 0)
@@ -91,7 +96,7 @@ class StateDir:
         self.readonly = readonly
         separate_run = self.root not in self.run.parents
         try:
-            for d in (self.root, self.domains, self.logs, self.run):
+            for d in (self.root, self.domains, self.logs, self.overlays, self.run):
                 follow = d == self.root or (d == self.run and separate_run)
                 if readonly and not d.is_dir():
                     continue
@@ -295,6 +300,7 @@ class StateDir:
     def remove_runtime(self, name: str) -> None:
         self._remove(self.run, f"{name}.json", durable=False)
         self._remove(self.run, f"{name}.qmp", durable=False)
+        self._remove(self.run, f"{name}.serial", durable=False)
 
     # -- logs ---------------------------------------------------------------------------------
 
@@ -332,16 +338,19 @@ class StateDir:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{name}{suffix}", dir_fd=self._fd(self.logs))
 
-    # -- monitor sockets ----------------------------------------------------------------------
+    # -- sockets: the QMP monitor, the serial console ----------------------------------------
 
     def monitor_path(self, name: str) -> Path:
         return self.run / f"{name}.qmp"
 
-    def _socket_address(self, name: str) -> str:
-        path = str(self.monitor_path(name))
+    def console_socket_path(self, name: str) -> Path:
+        return self.run / f"{name}.serial"
+
+    def _socket_address(self, filename: str) -> str:
+        path = str(self.run / filename)
         if len(os.fsencode(path)) <= _SUN_PATH_MAX:
             return path
-        return f"/proc/self/fd/{self._fd(self.run)}/{name}.qmp"
+        return f"/proc/self/fd/{self._fd(self.run)}/{filename}"
 
     def bind_monitor(self, name: str) -> socket.socket:
         """A listening unix socket for the domain's monitor (mode 0600), replacing a stale one.
@@ -353,12 +362,19 @@ class StateDir:
         monitor's I/O thread with it (seen when a controller was killed during a start: the next
         controller's ``qmp_capabilities`` was never read). Non-blocking, the loser gets EAGAIN.
         """
-        self._remove(self.run, f"{name}.qmp", durable=False)
+        return self._bind(f"{name}.qmp")
+
+    def bind_console(self, name: str) -> socket.socket:
+        """A listening unix socket for the domain's serial console (0600, non-blocking as the monitor's)."""
+        return self._bind(f"{name}.serial")
+
+    def _bind(self, filename: str) -> socket.socket:
+        self._remove(self.run, filename, durable=False)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            sock.bind(self._socket_address(name))
-            os.chmod(f"{name}.qmp", 0o600, dir_fd=self._fd(self.run))
+            sock.bind(self._socket_address(filename))
+            os.chmod(filename, 0o600, dir_fd=self._fd(self.run))
             sock.listen(8)
             # QEMU shares this open file description. Left blocking, QEMU 7.2's main thread can
             # block for good in accept4() when its main loop and the monitor's I/O thread both
@@ -375,15 +391,57 @@ class StateDir:
 
         Raises OSError if nobody listens, StateDirError if the path is not a socket (a symlink).
         """
-        st = os.stat(f"{name}.qmp", dir_fd=self._fd(self.run), follow_symlinks=False)
+        return self._connect(f"{name}.qmp")
+
+    def connect_console(self, name: str) -> socket.socket:
+        """A connected, non-blocking socket to the domain's serial console (as :meth:`connect_monitor`)."""
+        return self._connect(f"{name}.serial")
+
+    def _connect(self, filename: str) -> socket.socket:
+        st = os.stat(filename, dir_fd=self._fd(self.run), follow_symlinks=False)
         if not stat.S_ISSOCK(st.st_mode):
-            raise StateDirError(str(self.monitor_path(name)), "is not a socket; not followed")
+            raise StateDirError(str(self.run / filename), "is not a socket; not followed")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # Connecting to a listening unix socket completes at once (it queues in the backlog).
-            sock.connect(self._socket_address(name))
+            # Non-blocking: a unix connect queues in the listener's backlog at once, or fails
+            # with EAGAIN when it is full. A stopped QEMU re-listens with a backlog of one, so a
+            # blocking connect to it could wait for ever (and with it the event loop).
             sock.setblocking(False)
+            sock.connect(self._socket_address(filename))
         except BaseException:
             sock.close()
             raise
         return sock
+
+    # -- overlays of transient disks ------------------------------------------------------------
+
+    def overlay_path(self, name: str, index: int) -> Path:
+        return self.overlays / _overlay_filename(name, index)
+
+    def create_overlay_file(self, name: str, index: int) -> Path:
+        """Create the overlay's file empty (0600, never through a symlink; a stale one is replaced)
+        for ``qemu-img`` to fill, and return its path."""
+        filename = _overlay_filename(name, index)
+        self._remove(self.overlays, filename, durable=False)
+        fd = self._open_file(self.overlays, filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        os.close(fd)
+        return self.overlays / filename
+
+    def remove_overlay(self, name: str, index: int) -> None:
+        self._remove(self.overlays, _overlay_filename(name, index), durable=False)
+
+    def overlay_owners(self) -> dict[str, list[int]]:
+        """The domains that have overlay files, with their disk indexes."""
+        owners: dict[str, list[int]] = {}
+        for entry in sorted(self._listdir(self.overlays)):
+            match = _OVERLAY_RE.fullmatch(entry)
+            if match is not None:
+                owners.setdefault(match["name"], []).append(int(match["index"]))
+        return owners
+
+
+_OVERLAY_RE = re.compile(r"(?P<name>[^/]+)\.disk(?P<index>[0-9]+)\.qcow2")
+
+
+def _overlay_filename(name: str, index: int) -> str:
+    return f"{name}.disk{index}.qcow2"

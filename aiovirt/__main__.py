@@ -1,0 +1,7 @@
+"""``python -m aiovirt``: the ``aiovirt`` command."""
+
+import sys
+
+from aiovirt.cli import main
+
+sys.exit(main())
