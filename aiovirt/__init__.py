@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from ._console import Console
     from ._domain import Domain, DomainInfo
     from ._fleet import StopPolicy, StopResult, StopStage
+    from ._hosts import HostStopResult, stop_all_hosts
 
 _LAZY = {
     "Subscription": "._broadcast",
@@ -59,6 +60,8 @@ _LAZY = {
     "StopPolicy": "._fleet",
     "StopResult": "._fleet",
     "StopStage": "._fleet",
+    "HostStopResult": "._hosts",
+    "stop_all_hosts": "._hosts",
 }
 
 
@@ -92,6 +95,7 @@ __all__ = [
     "EventDetail",
     "EventKind",
     "EventsDroppedError",
+    "HostStopResult",
     "InvalidStateError",
     "InvalidURIError",
     "LaunchError",
@@ -112,6 +116,7 @@ __all__ = [
     "Subscription",
     "connect",
     "parse_uri",
+    "stop_all_hosts",
 ]
 
 __version__ = "0.1.0"
