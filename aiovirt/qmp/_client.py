@@ -12,7 +12,6 @@ Given a plain connected :class:`socket.socket` the client does its own non-block
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -25,6 +24,7 @@ import anyio.lowlevel
 
 from .._broadcast import Broadcaster, Subscription
 from .._errors import CommandError, ConnectionLostError, ProtocolError
+from .._unix import connect_unix
 from ._codec import CLOSED, NEED_DATA, Event, Greeting, QMPCodec, Response
 
 __all__ = ["QMPClient", "connect_unix"]
@@ -32,48 +32,9 @@ __all__ = ["QMPClient", "connect_unix"]
 # What one receive asks for: large enough that a burst of replies costs one wakeup.
 _RECEIVE_SIZE: Final = 65536
 # sun_path is 108 bytes including the terminating NUL.
-_MAX_UNIX_PATH: Final = 107
 # What a transport raises when the peer went away or it was closed under us.
 _IO_ERRORS: Final = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 # How long to wait before retrying a connect refused with EAGAIN (the listen backlog is full).
-_CONNECT_RETRY: Final = 0.01
-
-
-async def connect_unix(path: str | os.PathLike[str]) -> socket.socket:
-    """Connect a non-blocking unix stream socket to ``path``, also when it exceeds 107 bytes.
-
-    A long path is reached through ``/proc/self/fd/<fd>/<name>``, ``<fd>`` being an ``O_PATH``
-    descriptor of the socket's directory (closed again before returning). Raises OSError as
-    connect(2) does (FileNotFoundError: no socket; ConnectionRefusedError: nobody listens).
-    Cancellable; while the listener's backlog is full it retries.
-    """
-    raw = os.fsencode(path)
-    dirfd = -1
-    if len(raw) > _MAX_UNIX_PATH:
-        head, name = os.path.split(raw)
-        dirfd = os.open(head or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        raw = b"/proc/self/fd/%d/%s" % (dirfd, name)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.setblocking(False)
-        while True:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            try:
-                sock.connect(raw)
-                return sock
-            except (BlockingIOError, InterruptedError):
-                # AF_UNIX reports a full backlog as EAGAIN, with nothing to wait on but time.
-                await anyio.sleep(_CONNECT_RETRY)
-            except OSError as exc:
-                if exc.errno != errno.EISCONN:  # an earlier attempt completed after all
-                    raise
-                return sock
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        if dirfd >= 0:
-            os.close(dirfd)
 
 
 class _SocketTransport:

@@ -13,7 +13,6 @@ helpers make the ones libvirt's transports need:
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import ssl
@@ -26,6 +25,7 @@ from anyio.streams.stapled import StapledByteStream
 from anyio.streams.tls import TLSStream
 
 from .._errors import ConnectionLostError
+from .._unix import connect_unix as connect_unix_socket  # the raw-socket connect QMP uses too
 
 __all__ = [
     "Channel",
@@ -105,37 +105,6 @@ class SocketChannel:
             anyio.notify_closing(self._sock)
             self._sock.close()
         await anyio.lowlevel.checkpoint()
-
-
-async def connect_unix_socket(path: str | os.PathLike[str]) -> socket.socket:
-    """A connected non-blocking unix stream socket to ``path`` (any length; see :func:`connect_unix`).
-    Raises OSError as connect(2). Cancellable; while the listener's backlog is full it retries."""
-    raw = os.fsencode(path)
-    dirfd = -1
-    if len(raw) > _MAX_UNIX_PATH:
-        head, name = os.path.split(raw)
-        dirfd = os.open(head or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        raw = b"/proc/self/fd/%d/%s" % (dirfd, name)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.setblocking(False)
-        while True:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            try:
-                sock.connect(raw)
-                return sock
-            except (BlockingIOError, InterruptedError):
-                await anyio.sleep(0.01)  # AF_UNIX reports a full backlog as EAGAIN: nothing to wait on
-            except OSError as exc:
-                if exc.errno != errno.EISCONN:
-                    raise
-                return sock
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        if dirfd >= 0:
-            os.close(dirfd)
 
 
 async def connect_unix(path: str | os.PathLike[str]) -> anyio.abc.SocketStream:
