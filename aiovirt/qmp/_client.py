@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .._background import background_tasks
 from .._broadcast import Broadcaster, Subscription
 from .._errors import CommandError, ConnectionLostError, ProtocolError
 from .._unix import connect_unix
@@ -213,21 +214,9 @@ class QMPClient:
         except BaseException:
             await client._transport.aclose()
             raise
-        body_error: BaseException | None = None
-        async with anyio.create_task_group() as tg:
+        async with background_tasks(client.aclose) as tg:
             tg.start_soon(client._read_loop)
-            try:
-                yield client
-            except anyio.get_cancelled_exc_class():
-                raise
-            except BaseException as exc:
-                # Held until the task group is gone, so the caller's own exception is not wrapped
-                # in an ExceptionGroup by it.
-                body_error = exc
-            finally:
-                await client.aclose()
-        if body_error is not None:
-            raise body_error
+            yield client
 
     @classmethod
     @asynccontextmanager

@@ -25,6 +25,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .._background import background_tasks
 from .._broadcast import Broadcaster, Subscription
 from .._errors import AiovirtError, ConnectionLostError, ProtocolError
 from . import _protocol as P
@@ -174,21 +175,10 @@ class RPCClient:
             keepalive_count=keepalive_count,
             max_packet=max_packet,
         )
-        body_error: BaseException | None = None
-        async with anyio.create_task_group() as tg:
-            try:
-                await tg.start(client._run_background)
-                await client._handshake(name, flags, handshake_timeout)
-                yield client
-            except anyio.get_cancelled_exc_class():
-                raise
-            except BaseException as exc:
-                # Held until the task group is gone, so that it is not wrapped in an ExceptionGroup.
-                body_error = exc
-            finally:
-                await client.aclose()
-        if body_error is not None:
-            raise body_error
+        async with background_tasks(client.aclose) as tg:
+            await tg.start(client._run_background)
+            await client._handshake(name, flags, handshake_timeout)
+            yield client
 
     @classmethod
     @asynccontextmanager
