@@ -11,7 +11,8 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 # libvirt's daemon: the remote driver's tests run it (scripts/libvirtd.sh, a private one per test);
 # chromium and its driver: the web example's page is checked in a real headless browser;
 # sshd and nc: qemu+ssh:// is tested through a private sshd on the loopback address
-PKGS="qemu-system-x86 qemu-utils busybox-static cpio libvirt-clients libxml2-utils libvirt-daemon libvirt-daemon-driver-qemu openssl util-linux chromium chromium-driver openssh-server netcat-openbsd"
+# strace: how a spawned QEMU's fds are closed is checked on the system calls (tests/test_spawn.py)
+PKGS="qemu-system-x86 qemu-utils busybox-static cpio libvirt-clients libxml2-utils libvirt-daemon libvirt-daemon-driver-qemu openssl util-linux chromium chromium-driver openssh-server netcat-openbsd strace"
 missing=""
 for p in $PKGS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"; done
 # apt lists are also needed later by `apt-get download` (the tiny guest's kernel)

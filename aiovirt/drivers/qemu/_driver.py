@@ -28,7 +28,7 @@ from ...qmp._client import QMPClient
 from .._base import Driver, MachineObserver, StateProblem, StoredDomain
 from ._machine import QemuMachine, ReadOnlyMachine
 from ._overlay import create_overlays, remove_overlays, transient_disks
-from ._process import Process, ProcessIdentity, find_processes_with_arg, read_identity
+from ._process import Process, ProcessIdentity, find_processes_with_arg, read_identity, spaced_copies
 from ._records import (
     RuntimeRecord,
     decode_definition,
@@ -148,33 +148,34 @@ class QemuDriver(Driver):
                 if console_listener is not None:
                     console_sock = sd.connect_console(name)
                     console_fd = console_listener.fileno()
-                argv = render_argv(
-                    config,
-                    monitor_fd=listener.fileno(),
-                    console_path=console,
-                    console_fd=console_fd,
-                    overlays=overlays,
-                    paused=True,
-                )
-                pass_fds = [listener.fileno()] + ([console_fd] if console_fd is not None else [])
                 # Recorded before the spawn: a crash right after it must not leave an unknown QEMU.
                 # No pid yet: that waits for the "running" record (each replacing rename costs a
                 # flush on ext4); the next connection finds such a QEMU by its -uuid.
                 sd.write_runtime(
                     name, encode_runtime(config, phase="starting", identity=None, transient=not persistent)
                 )
-                try:
-                    proc = Process.spawn(argv, output_fd=log_fd, pass_fds=pass_fds)
-                except OSError as exc:
-                    sd.remove_runtime(name)
-                    remove_overlays(sd, name, overlays)
-                    observer.happened(Happening.EXITED)
-                    raise LaunchError(
-                        name,
-                        f"cannot execute {argv[0]!r}: {exc.strerror}",
-                        log_path=str(sd.log_path(name)),
-                        argv=argv,
-                    ) from exc
+                kept = [listener.fileno()] + ([console_fd] if console_fd is not None else [])
+                with spaced_copies(kept) as pass_fds:
+                    argv = render_argv(
+                        config,
+                        monitor_fd=pass_fds[0],
+                        console_path=console,
+                        console_fd=pass_fds[1] if console_fd is not None else None,
+                        overlays=overlays,
+                        paused=True,
+                    )
+                    try:
+                        proc = Process.spawn(argv, output_fd=log_fd, pass_fds=pass_fds)
+                    except OSError as exc:
+                        sd.remove_runtime(name)
+                        remove_overlays(sd, name, overlays)
+                        observer.happened(Happening.EXITED)
+                        raise LaunchError(
+                            name,
+                            f"cannot execute {argv[0]!r}: {exc.strerror}",
+                            log_path=str(sd.log_path(name)),
+                            argv=argv,
+                        ) from exc
             finally:
                 listener.close()  # QEMU holds its own copy; once it exits our connection sees EOF
                 if console_listener is not None:
