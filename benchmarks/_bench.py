@@ -351,3 +351,36 @@ def write_outputs(result: Mapping[str, Any], markdown: str, json_out: str | None
         Path(json_out).write_text(text + "\n")
     if md_out:
         Path(md_out).write_text(markdown + "\n")
+
+
+def paired_ratios(
+    runs: Sequence[Mapping[str, Any]], who: str, name: str, base: str, field: str
+) -> list[float]:
+    """``field`` of ``name`` over ``base`` for each repeat both ran in (``run[who]`` names the
+    backend or client, ``run["repeat"]`` the round): a ratio between runs made side by side."""
+    bases = {r.get("repeat"): r for r in runs if r.get(who) == base and r.get("ok")}
+    out = []
+    for r in runs:
+        b = bases.get(r.get("repeat"))
+        if r.get(who) == name and r.get("ok") and b is not None:
+            value = ratio(r.get(field), b.get(field))
+            if value is not None:
+                out.append(value)
+    return out
+
+
+def put_ratio(summary: dict[str, Any], key: str, ratios: Sequence[float]) -> None:
+    """Store the median of ``ratios`` as ``key`` and their range as ``key_spread``."""
+    if ratios:
+        summary[key] = round(median(ratios), 3)
+        summary[f"{key}_spread"] = [round(min(ratios), 3), round(max(ratios), 3)]
+
+
+def with_spread(summary: Mapping[str, Any], key: str) -> str | None:
+    """``median (min-max)`` of a ratio over the repeats; just the value after one run."""
+    value, spread = summary.get(key), summary.get(f"{key}_spread")
+    if value is None:
+        return None
+    if not spread or spread[0] == spread[1]:
+        return fmt(value)
+    return f"{fmt(value)} ({fmt(spread[0])}-{fmt(spread[1])})"

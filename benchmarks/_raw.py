@@ -10,7 +10,9 @@ faster, so that "within 1.3x of raw" is a bound against the best a controller co
 - the exits are awaited through pidfds opened at spawn time; SIGTERM goes through the pidfd.
 
 By default the argv comes from ``aiovirt.config.render_argv`` (same QEMU, same options as aiovirt
-spawns, but not paused: the raw baseline sends no ``cont``); ``argv="anchor"`` uses the anchor's.
+spawns, but not paused: the raw baseline sends no ``cont``), serial console included: a second
+listening socket that we connect before the spawn and never read, logged to a file by QEMU, as
+aiovirt's default ``console=True`` domains have; ``argv="anchor"`` uses the anchor's (no console).
 
 With ``handshake=True`` (the ``raw-qmp`` backend) the baseline does the same protocol work per
 domain as aiovirt's ``create``: QEMU starts paused (``-S``), and after the greeting each monitor
@@ -36,13 +38,15 @@ from pathlib import Path
 
 from _bench import QEMU, Result, open_fds, os_threads, rss_bytes
 
-ArgvFactory = Callable[[int, int], list[str]]  # (index, monitor fd) -> argv
+#: (index, monitor fd, (console fd, console log path) or None) -> argv
+ArgvFactory = Callable[[int, int, "tuple[int, str] | None"], list[str]]
 
 
 def anchor_argv(machine: str, memory_mib: int, *, paused: bool = False) -> ArgvFactory:
     """The anchor's argv (libvirt's shape), with the monitor given as a listening fd."""
 
-    def make(i: int, fd: int) -> list[str]:
+    def make(i: int, fd: int, console: tuple[int, str] | None) -> list[str]:
+        assert console is None, "the anchor's argv has no serial console"
         argv = [
             QEMU,
             "-name",
@@ -77,11 +81,19 @@ def aiovirt_argv(machine: str, memory_mib: int, *, paused: bool = False) -> Argv
     """The argv aiovirt itself renders for the same config (paused only if we send ``cont``)."""
     from aiovirt.config import DomainConfig, render_argv
 
-    def make(i: int, fd: int) -> list[str]:
+    def make(i: int, fd: int, console: tuple[int, str] | None) -> list[str]:
         cfg = DomainConfig(
-            name=f"raw{i}", uuid=uuid.uuid4(), machine=machine, accel="tcg", memory_mib=memory_mib
+            name=f"raw{i}",
+            uuid=uuid.uuid4(),
+            machine=machine,
+            accel="tcg",
+            memory_mib=memory_mib,
+            console=console is not None,
         )
-        return list(render_argv(cfg, monitor_fd=fd, console_path=None, paused=paused))
+        console_fd, console_path = console if console is not None else (None, None)
+        return list(
+            render_argv(cfg, monitor_fd=fd, console_fd=console_fd, console_path=console_path, paused=paused)
+        )
 
     return make
 
@@ -136,12 +148,35 @@ def describe_stuck(pid: int) -> str:
     return f"pid {pid} [{', '.join(parts)}]"
 
 
+def _listen(path: str) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(8)
+        # As aiovirt does: a blocking listener can wedge QEMU 7.2's main thread in accept4()
+        # (its main loop and monitor I/O thread race for the queued connection).
+        listener.setblocking(False)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
 def run(
-    n: int, workdir: Path, make_argv: ArgvFactory, *, handshake: bool = False, greeting_timeout: float = 60.0
+    n: int,
+    workdir: Path,
+    make_argv: ArgvFactory,
+    *,
+    handshake: bool = False,
+    console: bool = False,
+    greeting_timeout: float = 60.0,
 ) -> Result:
     """Start ``n`` QEMUs, wait for every greeting (``handshake``: and the replies to
-    ``qmp_capabilities`` and ``cont``), SIGTERM all, wait for every exit. Always cleans up."""
+    ``qmp_capabilities`` and ``cont``), SIGTERM all, wait for every exit. Always cleans up.
+
+    With ``console`` each QEMU also gets a serial console socket (connected, never read) and log."""
     doms: list[_Domain] = []
+    consoles: list[socket.socket] = []
     ep = select.epoll()
     gc.collect()
     threads_before = os_threads()
@@ -152,26 +187,32 @@ def run(
         by_fd: dict[int, _Domain] = {}
         for i in range(n):
             path = str(workdir / f"{i}.qmp")
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener = _listen(path)
+            con_listener = _listen(str(workdir / f"{i}.serial")) if console else None
             try:
-                listener.bind(path)
-                listener.listen(8)
-                # As aiovirt does: a blocking listener can wedge QEMU 7.2's main thread in
-                # accept4() (its main loop and monitor I/O thread race for the queued connection).
-                listener.setblocking(False)
                 mon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 mon.connect(path)  # queued in the backlog; QEMU accepts it when it is up
                 mon.setblocking(False)
+                kept = [listener.fileno()]
+                console_arg = None
+                if con_listener is not None:
+                    con = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    con.connect(str(workdir / f"{i}.serial"))  # QEMU waits for it (wait=on)
+                    consoles.append(con)  # held open, never read (a guest that prints little)
+                    kept.append(con_listener.fileno())
+                    console_arg = (con_listener.fileno(), str(workdir / f"{i}.console"))
                 popen = subprocess.Popen(
-                    make_argv(i, listener.fileno()),
+                    make_argv(i, listener.fileno(), console_arg),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
-                    pass_fds=(listener.fileno(),),
+                    pass_fds=kept,
                     start_new_session=True,
                 )
             finally:
                 listener.close()
+                if con_listener is not None:
+                    con_listener.close()
             dom = _Domain(popen, os.pidfd_open(popen.pid), mon)
             doms.append(dom)
             by_fd[mon.fileno()] = dom
@@ -222,6 +263,8 @@ def run(
                 dom.popen.wait()
             os.close(dom.pidfd)
             dom.mon.close()
+        for con in consoles:
+            con.close()
         ep.close()
     ready_at.sort()
     return {

@@ -187,8 +187,9 @@ class QemuMachine(Machine):
                 ready = True
                 task_status.started()
                 await proc.wait()
-                with anyio.move_on_after(_DRAIN_TIMEOUT):
-                    await qmp.wait_closed()
+                if not qmp.closed:  # usually it is: QEMU closes its monitor before it is reaped
+                    with anyio.move_on_after(_DRAIN_TIMEOUT):
+                        await qmp.wait_closed()
         except anyio.get_cancelled_exc_class():
             if not ready:
                 # A cancelled start: the paused QEMU will never exit on its own.
@@ -248,7 +249,7 @@ class QemuMachine(Machine):
                 async def watch_exit() -> None:
                     await proc.wait()
                     qmp = self._qmp
-                    if qmp is not None:
+                    if qmp is not None and not qmp.closed:
                         with anyio.move_on_after(_DRAIN_TIMEOUT):
                             await qmp.wait_closed()
                     tg.cancel_scope.cancel()
