@@ -508,6 +508,54 @@ async def test_fake_garbage_after_negotiation() -> None:
             assert client.closed
 
 
+def _event(name: str) -> bytes:
+    return json.dumps({"event": name, "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}).encode()
+
+
+@pytest.mark.parametrize("transport", ["socket", "stream"])
+@pytest.mark.parametrize("chunks", ["one write", "a write per message", "split mid-line"])
+async def test_fake_events_before_a_reply_are_dispatched_before_its_caller_resumes(
+    transport: str, chunks: str
+) -> None:
+    """However the bytes arrive (on asyncio the socket transport parses in the loop's reader
+    callback and hands replies straight to their callers), an event sent before a reply has been
+    dispatched when that reply's caller resumes, and the order of events is QEMU's."""
+
+    async def script(peer: FakePeer) -> None:
+        await peer.negotiate()
+        for _ in range(3):
+            cmd = await peer.command()
+            reply = {"return": {}, **({"id": cmd["id"]} if "id" in cmd else {})}
+            lines = [_event("BEFORE"), json.dumps(reply).encode(), _event("AFTER")]
+            data = b"".join(line + b"\r\n" for line in lines)
+            if chunks == "one write":
+                await peer.send(data)
+            elif chunks == "a write per message":
+                for line in lines:
+                    await peer.send(line + b"\r\n")
+                    await anyio.sleep(0.01)
+            else:
+                for i in range(0, len(data), 7):
+                    await peer.send(data[i : i + 7])
+                    await anyio.sleep(0.001)
+        await anyio.sleep_forever()
+
+    seen: list[str] = []
+
+    def on_event(event: Event) -> None:
+        seen.append(event.name)
+
+    with anyio.fail_after(LIMIT):
+        async with fake_monitor(script, transport=transport, on_event=on_event) as client:
+            for i in range(3):
+                assert await client.execute("query-status") == {}
+                assert seen.count("BEFORE") == i + 1
+                with anyio.fail_after(LIMIT):
+                    while seen.count("AFTER") < i + 1:
+                        await anyio.sleep(0.005)
+    assert seen == ["BEFORE", "AFTER"] * 3
+
+
 PARSE_ERROR = b'{"error": {"class": "GenericError", "desc": "JSON parse error, stray bytes"}}\r\n'
 
 

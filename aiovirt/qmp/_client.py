@@ -7,13 +7,19 @@ order, to an ``on_event`` callback and to bounded subscriptions. Callers may run
 
 Given a plain connected :class:`socket.socket` the client does its own non-blocking I/O on it
 (one ``send`` syscall per command, no extra trip through the event loop); given any anyio
-``ByteStream`` it goes through the stream.
+``ByteStream`` it goes through the stream. On asyncio, a plain socket is read in a reader
+callback registered once with the loop: a reply with no event before it wakes its caller from
+there, one loop iteration sooner than through the reader task (measured: sequential round trips
+from 0.79x to 0.92x of a bare asyncio Protocol); events, and anything that follows an event,
+still go through the reader task, in order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractContextManager, asynccontextmanager, suppress
 from typing import Any, Final, NoReturn, TypeAlias
@@ -21,6 +27,7 @@ from typing import Any, Final, NoReturn, TypeAlias
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import sniffio
 
 from .._background import background_tasks
 from .._broadcast import Broadcaster, Subscription
@@ -46,13 +53,47 @@ class _SocketTransport:
     after part of it went out.
     """
 
-    __slots__ = ("_fd", "_sock", "torn")
+    __slots__ = ("_fd", "_loop", "_sock", "push_error", "torn")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._fd = sock.fileno()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: The error that ended pushing (reported as EOF to ``on_data``), if one did.
+        self.push_error: OSError | None = None
         self.torn = False
+
+    def push_to(self, on_data: Callable[[bytes], None]) -> bool:
+        """On asyncio: from now on call ``on_data`` with what arrives (b"" at EOF or on an error)
+        from the loop's reader callback, until :meth:`stop_pushing`; False on other loops.
+
+        A reader registered once, instead of ``wait_readable`` per receive (two ``epoll_ctl``
+        calls and a task step): a reply can reach its caller one loop iteration sooner.
+        """
+        if self._sock.fileno() < 0 or sniffio.current_async_library() != "asyncio":
+            return False  # closed before the reader began: the pulled path ends it as before
+        sock = self._sock
+
+        def readable() -> None:
+            try:
+                data = sock.recv(_RECEIVE_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return  # a spurious wakeup
+            except OSError as exc:
+                self.push_error, data = exc, b""
+            if not data:
+                self.stop_pushing()
+            on_data(data)
+
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, readable)
+        return True
+
+    def stop_pushing(self) -> None:
+        if self._loop is not None:
+            loop, self._loop = self._loop, None
+            loop.remove_reader(self._fd)
 
     async def receive(self) -> bytes:
         """The next bytes from the peer; b"" at EOF. Raises OSError or ClosedResourceError."""
@@ -82,6 +123,7 @@ class _SocketTransport:
 
     async def aclose(self) -> None:
         if self._sock.fileno() >= 0:
+            self.stop_pushing()
             # Wakes any task still waiting on the fd (with ClosedResourceError) before it is reused.
             anyio.notify_closing(self._fd)
             self._sock.close()
@@ -170,6 +212,9 @@ class QMPClient:
         self._closed_event = anyio.Event()
         self._reader_scope = anyio.CancelScope()
         self._greeting: Greeting | None = None
+        # What the transport's reader callback leaves to the reader task (see _pushed).
+        self._held: deque[Response | Event | object | ProtocolError] = deque()
+        self._wake = anyio.Event()
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -305,16 +350,13 @@ class QMPClient:
         try:
             with self._reader_scope:
                 # The handshake may have buffered messages that followed the negotiation reply.
-                eof = self._dispatch_buffered()
-                receive = self._transport.receive
-                feed = self._codec.receive_data
-                while not eof:
-                    try:
-                        data = await receive()
-                    except _IO_ERRORS as exc:
-                        cause, data = exc, b""
-                    feed(data)
-                    eof = self._dispatch_buffered()
+                if not self._dispatch_buffered():
+                    transport = self._transport
+                    if isinstance(transport, _SocketTransport) and transport.push_to(self._pushed):
+                        await self._serve_pushed()
+                        cause = transport.push_error
+                    else:
+                        cause = await self._receive_until_eof()
                 reason = "QMP connection closed by QEMU" if cause is None else "QMP connection broken"
         except ProtocolError as exc:
             cause, reason = exc, "QMP connection closed: QEMU broke the protocol"
@@ -325,20 +367,69 @@ class QMPClient:
             self._finish(reason, cause)
             await self._transport.aclose()
 
+    async def _receive_until_eof(self) -> BaseException | None:
+        """Receive and dispatch until EOF; the I/O error that ended it, if one did."""
+        receive = self._transport.receive
+        feed = self._codec.receive_data
+        while True:
+            try:
+                data = await receive()
+            except _IO_ERRORS as exc:
+                feed(b"")
+                self._dispatch_buffered()
+                return exc
+            feed(data)
+            if self._dispatch_buffered():
+                return None
+
+    def _pushed(self, data: bytes) -> None:
+        """The transport's reader callback (asyncio): parse; hand a reply whose caller can be woken
+        at once to it, anything else (events, and whatever follows an event) to the reader task."""
+        held = self._held
+        try:
+            self._codec.receive_data(data)
+            next_event = self._codec.next_event
+            while True:
+                msg = next_event()
+                if type(msg) is Response and not held:
+                    self._resolve(msg)
+                elif msg is NEED_DATA:
+                    break
+                else:
+                    held.append(msg)  # an event, or CLOSED, or what follows one: in order
+                    if msg is CLOSED:
+                        break
+        except ProtocolError as exc:
+            held.append(exc)
+        if held:
+            self._wake.set()
+
+    async def _serve_pushed(self) -> None:
+        """The reader task while the transport pushes: dispatch what the callback held, in order."""
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            held = self._held
+            while held:
+                msg = held.popleft()
+                if type(msg) is Response:
+                    self._resolve(msg)
+                elif type(msg) is Event:
+                    self._dispatch_event(msg)
+                elif msg is CLOSED:
+                    return
+                elif isinstance(msg, ProtocolError):
+                    raise msg
+                else:  # pragma: no cover - the codec rejects a second greeting
+                    raise ProtocolError("unexpected greeting")
+
     def _dispatch_buffered(self) -> bool:
         """Route every complete buffered message; True once the peer's EOF was reached."""
         next_event = self._codec.next_event
-        pending = self._pending
         while True:
             msg = next_event()
             if type(msg) is Response:
-                if msg.id is None:
-                    self._unparsable(msg)
-                call = pending.pop(msg.id, None)
-                # None: the caller was cancelled; its late reply is dropped.
-                if call is not None:
-                    call.response = msg
-                    call.done.set()
+                self._resolve(msg)
             elif type(msg) is Event:
                 self._dispatch_event(msg)
             elif msg is NEED_DATA:
@@ -347,6 +438,15 @@ class QMPClient:
                 return True
             else:  # pragma: no cover - the codec rejects a second greeting
                 raise ProtocolError("unexpected greeting")
+
+    def _resolve(self, msg: Response) -> None:
+        if msg.id is None:
+            self._unparsable(msg)
+        call = self._pending.pop(msg.id, None)
+        # None: the caller was cancelled; its late reply is dropped.
+        if call is not None:
+            call.response = msg
+            call.done.set()
 
     def _dispatch_event(self, event: Event) -> None:
         # on_event first: the Domain updates its state before any subscriber sees the event.
