@@ -498,7 +498,8 @@ xdr_bodies = st.lists(_XDR_TOKENS, max_size=12).map(b"".join)
 
 
 def _remote_error_body(draw: st.DrawFn) -> bytes:
-    text = st.text(st.characters(exclude_characters="\x00"), max_size=20)  # libvirt's strings carry no NUL
+    # libvirt's strings are UTF-8 with no NUL (a lone surrogate has no UTF-8)
+    text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=20)
     packer = Packer()
     rpc_protocol.RemoteError(
         code=draw(st.integers(-(2**31), 2**31 - 1)),

@@ -556,6 +556,67 @@ async def test_fake_events_before_a_reply_are_dispatched_before_its_caller_resum
     assert seen == ["BEFORE", "AFTER"] * 3
 
 
+async def test_fake_a_cancelled_caller_leaves_the_monitor_read() -> None:
+    """The caller waiting for a reply may be the one reading the monitor (trio: see
+    QMPClient._read_as_caller). Cancelled, it stops reading, and the events and replies that
+    follow still arrive: for no caller at all, and for the next caller."""
+    replied = anyio.Event()
+
+    async def script(peer: FakePeer) -> None:
+        await peer.negotiate()
+        first = await peer.command()  # never answered while its caller waits
+        await replied.wait()
+        await peer.send(_event("IDLE") + b"\r\n")
+        await peer.reply(first)  # a late reply: dropped
+        await peer.reply(await peer.command(), {"return": {"status": "running"}})
+        await anyio.sleep_forever()
+
+    seen: list[str] = []
+
+    def on_event(event: Event) -> None:
+        seen.append(event.name)
+
+    with anyio.fail_after(LIMIT):
+        async with fake_monitor(script, on_event=on_event) as client:
+            with anyio.move_on_after(0.2) as scope:
+                await client.execute("query-status")
+            assert scope.cancelled_caught
+            replied.set()
+            while "IDLE" not in seen:  # nobody calls: the reader task took reading back
+                await anyio.sleep(0.005)
+            assert await client.execute("query-status") == {"status": "running"}
+            assert seen == ["IDLE"]
+
+
+async def test_fake_on_event_raising_while_a_caller_reads() -> None:
+    """An event before a reply, whose callback raises: the caller that reads (trio) hands the error
+    to the reader task, which ends the connection with it, as when it reads itself."""
+
+    async def script(peer: FakePeer) -> None:
+        await peer.negotiate()
+        cmd = await peer.command()
+        reply = {"return": {}, **({"id": cmd["id"]} if "id" in cmd else {})}
+        await peer.send(_event("BOOM") + b"\r\n" + json.dumps(reply).encode() + b"\r\n")  # one write:
+        await anyio.sleep_forever()  # nothing sent to a client that may be gone
+
+    def broken(event: Event) -> None:
+        raise ValueError(f"bug in the callback ({event.name})")
+
+    lost: list[ConnectionLostError] = []
+    with (
+        anyio.fail_after(LIMIT),
+        pytest.RaisesGroup(pytest.RaisesExc(ValueError, match=r"bug in the callback \(BOOM\)")),
+    ):
+        async with fake_monitor(script, on_event=broken) as client:
+            try:
+                await client.execute("query-status")
+            except ConnectionLostError as exc:
+                lost.append(exc)
+            await client.wait_closed()
+    assert len(lost) == 1
+    assert lost[0].command == "query-status"
+
+
 PARSE_ERROR = b'{"error": {"class": "GenericError", "desc": "JSON parse error, stray bytes"}}\r\n'
 
 

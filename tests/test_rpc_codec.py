@@ -160,6 +160,7 @@ def test_xdr_encodes_and_decodes_byte_for_byte(kind: str, value: Any, wire: str)
         ("boolean", 1, "must be a bool"),
         ("string", "x" * 17, "exceeds its maximum of 16"),
         ("string", "a\0b", "NUL"),
+        ("string", "a\ud800b", "must be valid Unicode: surrogates not allowed at 1"),
         ("string", b"bytes", "must be a str"),
         ("opaque", b"x" * 17, "exceeds its maximum"),
         ("opaque_fixed16", b"short", "must be 16 bytes"),

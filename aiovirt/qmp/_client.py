@@ -10,8 +10,10 @@ Given a plain connected :class:`socket.socket` the client does its own non-block
 ``ByteStream`` it goes through the stream. On asyncio, a plain socket is read in a reader
 callback registered once with the loop: a reply with no event before it wakes its caller from
 there, one loop iteration sooner than through the reader task (measured: sequential round trips
-from 0.79x to 0.92x of a bare asyncio Protocol); events, and anything that follows an event,
-still go through the reader task, in order.
+from 0.79x to 0.97x of a bare asyncio Protocol); events, and anything that follows an event,
+still go through the reader task, in order. On trio, a caller waiting for its reply on a plain
+socket reads it itself, as a bare trio client does, while the reader task stands aside (see
+:meth:`QMPClient._read_as_caller`).
 """
 
 from __future__ import annotations
@@ -99,10 +101,19 @@ class _SocketTransport:
         """The next bytes from the peer; b"" at EOF. Raises OSError or ClosedResourceError."""
         while True:
             await anyio.wait_readable(self._fd)
-            try:
-                return self._sock.recv(_RECEIVE_SIZE)
-            except (BlockingIOError, InterruptedError):
-                continue  # a spurious wakeup
+            data = self.recv_ready()
+            if data is not None:
+                return data
+
+    async def wait_readable(self) -> None:
+        await anyio.wait_readable(self._fd)
+
+    def recv_ready(self) -> bytes | None:
+        """What the peer sent (b"" at EOF), or None if nothing is there after all."""
+        try:
+            return self._sock.recv(_RECEIVE_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return None  # a spurious wakeup
 
     async def send(self, data: bytes) -> None:
         try:
@@ -215,6 +226,13 @@ class QMPClient:
         # What the transport's reader callback leaves to the reader task (see _pushed).
         self._held: deque[Response | Event | object | ProtocolError] = deque()
         self._wake = anyio.Event()
+        # A waiting caller reading for the reader task (see _read_as_caller).
+        self._callers_may_read = False
+        self._caller_reading = False
+        self._caller_done = anyio.Event()
+        self._reader_wait: anyio.CancelScope | None = None
+        self._handoff: BaseException | None = None
+        self._handoff_eof = False
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -259,6 +277,12 @@ class QMPClient:
         except BaseException:
             await client._transport.aclose()
             raise
+        # On trio a plain socket is read by the caller waiting for a reply (_read_as_caller), from
+        # the first call on (whatever the codec buffered since the handshake is dispatched first);
+        # on asyncio by the loop's reader callback (_pushed), which the reader task registers.
+        client._callers_may_read = (
+            isinstance(client._transport, _SocketTransport) and sniffio.current_async_library() != "asyncio"
+        )
         async with background_tasks(client.aclose) as tg:
             tg.start_soon(client._read_loop)
             yield client
@@ -369,11 +393,13 @@ class QMPClient:
 
     async def _receive_until_eof(self) -> BaseException | None:
         """Receive and dispatch until EOF; the I/O error that ended it, if one did."""
-        receive = self._transport.receive
+        transport = self._transport
+        if isinstance(transport, _SocketTransport):
+            return await self._read_beside_callers(transport)
         feed = self._codec.receive_data
         while True:
             try:
-                data = await receive()
+                data = await transport.receive()
             except _IO_ERRORS as exc:
                 feed(b"")
                 self._dispatch_buffered()
@@ -381,6 +407,84 @@ class QMPClient:
             feed(data)
             if self._dispatch_buffered():
                 return None
+
+    async def _read_beside_callers(self, transport: _SocketTransport) -> BaseException | None:
+        """The reader task on a plain socket (trio): it reads while no caller does (see
+        :meth:`_read_as_caller`), and ends the connection with whatever a caller ran into."""
+        feed = self._codec.receive_data
+        while True:
+            handoff = self._handoff
+            if handoff is not None:
+                if isinstance(handoff, _IO_ERRORS):
+                    feed(b"")
+                    self._dispatch_buffered()
+                    return handoff
+                raise handoff  # ProtocolError, or what on_event raised: as if we had read it
+            if self._handoff_eof:
+                return None
+            if self._caller_reading:
+                await self._caller_done.wait()
+                continue
+            try:
+                with anyio.CancelScope() as wait:
+                    self._reader_wait = wait
+                    try:
+                        await transport.wait_readable()
+                    finally:
+                        self._reader_wait = None
+                if wait.cancel_called:
+                    continue  # a caller took over reading; what is there is its to read
+                data = transport.recv_ready()
+            except _IO_ERRORS as exc:
+                feed(b"")
+                self._dispatch_buffered()
+                return exc
+            if data is None:
+                continue
+            feed(data)
+            if self._dispatch_buffered():
+                return None
+
+    async def _read_as_caller(self, call: _Call) -> None:
+        """Read the monitor in the calling task until ``call``'s reply is in (trio, plain socket).
+
+        A bare trio client is woken by the socket itself: one task step per round trip. Through the
+        reader task it takes two (the reader, then the caller) and a trip through the scheduler.
+        So the caller that waits reads, dispatching events and others' replies in order as the
+        reader would; the reader task stands aside meanwhile (its wait is cancelled before it can
+        read) and resumes once no caller reads. Whatever would end the connection (EOF, an I/O
+        error, a protocol error, an exception of on_event) is handed to the reader task, which ends
+        it as it would have; the caller then fails as every pending call does.
+        """
+        transport = self._transport
+        assert isinstance(transport, _SocketTransport)
+        self._caller_reading = True
+        if self._reader_wait is not None:
+            self._reader_wait.cancel()
+        try:
+            while not call.done.is_set():
+                try:
+                    await transport.wait_readable()
+                    data = transport.recv_ready()
+                except _IO_ERRORS as exc:
+                    self._handoff = exc
+                    break
+                if data is None:
+                    continue
+                try:
+                    self._codec.receive_data(data)
+                    if self._dispatch_buffered():
+                        self._handoff_eof = True
+                        break
+                except Exception as exc:
+                    self._handoff = exc
+                    break
+        finally:
+            self._caller_reading = False
+            done, self._caller_done = self._caller_done, anyio.Event()
+            done.set()
+        if not call.done.is_set():  # the connection is ending: it is set then, with no response
+            await call.done.wait()
 
     def _pushed(self, data: bytes) -> None:
         """The transport's reader callback (asyncio): parse; hand a reply whose caller can be woken
@@ -519,7 +623,10 @@ class QMPClient:
                     raise ConnectionLostError("QMP connection lost", command=command) from exc
                 raise
         try:
-            await call.done.wait()
+            if self._callers_may_read and not self._caller_reading and not call.done.is_set():
+                await self._read_as_caller(call)
+            else:
+                await call.done.wait()
         except BaseException:
             self._pending.pop(cmd_id, None)
             raise

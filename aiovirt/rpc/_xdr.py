@@ -110,7 +110,11 @@ class Packer:
         """A string, UTF-8 encoded. libvirt's strings are C strings: a NUL inside is refused."""
         if not isinstance(value, str):
             raise XDREncodeError(f"string must be a str, not {type(value).__name__}")
-        data = value.encode()
+        try:
+            data = value.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate: no UTF-8 for it
+            why = f"{exc.reason} at {exc.start}"
+            raise XDREncodeError(f"a string for libvirt must be valid Unicode: {why}") from exc
         if b"\0" in data:
             raise XDREncodeError("a string for libvirt cannot contain NUL characters")
         if len(data) > max_size:
