@@ -6,8 +6,9 @@
 
 Backends, each in a fresh interpreter (so thread and memory figures are its own), in this order:
 
-- ``raw``: the physical limit (see ``_raw.py``): plain ``subprocess`` + one epoll loop. "Start" ends
-  when every monitor's greeting was read; "destroy" is SIGTERM to all + every exit seen via pidfd.
+- ``raw``: the physical limit (see ``_raw.py``): plain ``subprocess`` + one epoll loop, the argv
+  aiovirt renders (serial console socket and log included). "Start" ends when every monitor's
+  greeting was read; "destroy" is SIGTERM to all + every exit seen via pidfd.
 - ``raw-qmp``: the same, but doing aiovirt's protocol work per domain: QEMU starts paused, and
   "started" is the reply to ``cont`` after ``qmp_capabilities`` (a like-for-like physical limit;
   ``start / raw-qmp`` in the table).
