@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import pytest
 
 from aiovirt._errors import CommandError, ConnectionLostError, EventsDroppedError, ProtocolError
@@ -615,6 +616,39 @@ async def test_fake_on_event_raising_while_a_caller_reads() -> None:
             await client.wait_closed()
     assert len(lost) == 1
     assert lost[0].command == "query-status"
+
+
+@pytest.mark.parametrize("last", [1, 2, 5, 13])
+async def test_fake_commands_racing_the_monitors_end_get_connection_lost(last: int) -> None:
+    """Callers keep sending while QEMU answers ``last`` commands and hangs up. The end is read by
+    whoever parses (asyncio: the reader callback; trio: a reading caller) before the reader task
+    finishes the connection: a command sent in between must fail as lost, never with the codec's
+    LocalProtocolError (found by the crash-safety run, seed 3898967572)."""
+
+    async def script(peer: FakePeer) -> None:
+        await peer.negotiate()
+        for _ in range(last):
+            await peer.reply(await peer.command())
+        await peer.stream.aclose()
+
+    outcomes: list[str] = []
+
+    async def hammer(client: QMPClient) -> None:
+        while True:
+            try:
+                await client.execute("query-status")
+            except ConnectionLostError:
+                outcomes.append("lost")
+                return
+            outcomes.append("ok")
+            await anyio.lowlevel.checkpoint()
+
+    with anyio.fail_after(LIMIT):
+        async with fake_monitor(script) as client, anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(hammer, client)
+    assert outcomes.count("lost") == 8
+    assert outcomes.count("ok") == last
 
 
 PARSE_ERROR = b'{"error": {"class": "GenericError", "desc": "JSON parse error, stray bytes"}}\r\n'

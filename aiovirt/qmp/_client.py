@@ -35,7 +35,7 @@ from .._background import background_tasks
 from .._broadcast import Broadcaster, Subscription
 from .._errors import CommandError, ConnectionLostError, ProtocolError
 from .._unix import connect_unix
-from ._codec import CLOSED, NEED_DATA, Event, Greeting, QMPCodec, Response
+from ._codec import CLOSED, NEED_DATA, CodecState, Event, Greeting, QMPCodec, Response
 
 __all__ = ["QMPClient", "connect_unix"]
 
@@ -606,11 +606,11 @@ class QMPClient:
         QEMU is not reading and the socket's buffer is full) is the connection ended, as it can
         no longer be framed.
         """
-        if self._closed or self._send_broken is not None:
+        if self._unusable():
             raise self._lost(command)
         call = _Call()
         async with self._send_lock:
-            if self._closed or self._send_broken is not None:
+            if self._unusable():
                 raise self._lost(command)  # it ended while we waited for the lock
             cmd_id, data = self._codec.send_command(command, arguments)
             self._pending[cmd_id] = call
@@ -652,8 +652,21 @@ class QMPClient:
             # Cancelled before anything was written: nothing happened, the client is intact.
             self._codec.abandon(cmd_id)
 
+    def _unusable(self) -> bool:
+        # The codec may have read the peer's end (EOF, or a protocol error) before the reader task
+        # finished the connection: the transport's callback (asyncio) or a reading caller (trio)
+        # parses, and leaves the ending to the reader task. No command can be sent from then on.
+        return self._closed or self._send_broken is not None or self._codec.state is not CodecState.READY
+
     def _lost(self, command: str) -> ConnectionLostError:
-        exc = ConnectionLostError(self._close_reason, command=command)
+        reason = self._close_reason
+        if not self._closed:
+            state = self._codec.state
+            if state is CodecState.CLOSED:
+                reason = "QMP connection closed by QEMU"
+            elif state is CodecState.ERROR:
+                reason = "QMP connection closed: QEMU broke the protocol"
+        exc = ConnectionLostError(reason, command=command)
         exc.__cause__ = self._close_cause if self._closed else self._send_broken
         return exc
 
