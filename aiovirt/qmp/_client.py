@@ -67,13 +67,13 @@ class _SocketTransport:
         self.torn = False
 
     def push_to(self, on_data: Callable[[bytes], None]) -> bool:
-        """On asyncio: from now on call ``on_data`` with what arrives (b"" at EOF or on an error)
-        from the loop's reader callback, until :meth:`stop_pushing`; False on other loops.
+        """On asyncio only: from now on call ``on_data`` with what arrives (b"" at EOF or on an
+        error) from the loop's reader callback, until :meth:`stop_pushing`; False if closed.
 
         A reader registered once, instead of ``wait_readable`` per receive (two ``epoll_ctl``
         calls and a task step): a reply can reach its caller one loop iteration sooner.
         """
-        if self._sock.fileno() < 0 or sniffio.current_async_library() != "asyncio":
+        if self._sock.fileno() < 0:
             return False  # closed before the reader began: the pulled path ends it as before
         sock = self._sock
 
@@ -226,6 +226,8 @@ class QMPClient:
         # What the transport's reader callback leaves to the reader task (see _pushed).
         self._held: deque[Response | Event | object | ProtocolError] = deque()
         self._wake = anyio.Event()
+        # How a plain socket is read (set in open): pushed by the loop, or by a waiting caller.
+        self._pushes = False
         # A waiting caller reading for the reader task (see _read_as_caller).
         self._callers_may_read = False
         self._caller_reading = False
@@ -277,12 +279,14 @@ class QMPClient:
         except BaseException:
             await client._transport.aclose()
             raise
-        # On trio a plain socket is read by the caller waiting for a reply (_read_as_caller), from
-        # the first call on (whatever the codec buffered since the handshake is dispatched first);
-        # on asyncio by the loop's reader callback (_pushed), which the reader task registers.
-        client._callers_may_read = (
-            isinstance(client._transport, _SocketTransport) and sniffio.current_async_library() != "asyncio"
-        )
+        # How a plain socket is read, decided once: on asyncio by the loop's reader callback
+        # (_pushed), which the reader task registers; on trio by the caller waiting for a reply
+        # (_read_as_caller), from the first call on (whatever the codec buffered since the
+        # handshake is dispatched first). Any other stream: by the reader task alone.
+        if isinstance(client._transport, _SocketTransport):
+            on_asyncio = sniffio.current_async_library() == "asyncio"
+            client._pushes = on_asyncio
+            client._callers_may_read = not on_asyncio
         async with background_tasks(client.aclose) as tg:
             tg.start_soon(client._read_loop)
             yield client
@@ -376,9 +380,15 @@ class QMPClient:
                 # The handshake may have buffered messages that followed the negotiation reply.
                 if not self._dispatch_buffered():
                     transport = self._transport
-                    if isinstance(transport, _SocketTransport) and transport.push_to(self._pushed):
+                    if (
+                        isinstance(transport, _SocketTransport)
+                        and self._pushes
+                        and transport.push_to(self._pushed)
+                    ):
                         await self._serve_pushed()
                         cause = transport.push_error
+                    elif isinstance(transport, _SocketTransport) and self._callers_may_read:
+                        cause = await self._read_beside_callers(transport)
                     else:
                         cause = await self._receive_until_eof()
                 reason = "QMP connection closed by QEMU" if cause is None else "QMP connection broken"
@@ -394,8 +404,6 @@ class QMPClient:
     async def _receive_until_eof(self) -> BaseException | None:
         """Receive and dispatch until EOF; the I/O error that ended it, if one did."""
         transport = self._transport
-        if isinstance(transport, _SocketTransport):
-            return await self._read_beside_callers(transport)
         feed = self._codec.receive_data
         while True:
             try:
