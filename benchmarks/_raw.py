@@ -25,6 +25,7 @@ understates what starting a ``pc`` domain costs.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import select
@@ -103,9 +104,10 @@ _CONT = b'{"execute": "cont"}\n'
 
 
 class _Domain:
-    __slots__ = ("buf", "mon", "pidfd", "popen", "step")
+    __slots__ = ("buf", "index", "mon", "pidfd", "popen", "step")
 
-    def __init__(self, popen: subprocess.Popen[bytes], pidfd: int, mon: socket.socket) -> None:
+    def __init__(self, index: int, popen: subprocess.Popen[bytes], pidfd: int, mon: socket.socket) -> None:
+        self.index = index
         self.popen = popen
         self.pidfd = pidfd
         self.mon = mon
@@ -162,6 +164,50 @@ def _listen(path: str) -> socket.socket:
     return listener
 
 
+def _spawn(i: int, workdir: Path, make_argv: ArgvFactory, consoles: list[socket.socket] | None) -> _Domain:
+    """Spawn QEMU number ``i`` with its monitor connected (queued in the backlog) and, when
+    ``consoles`` is a list, a serial console socket connected and appended to it."""
+    path = str(workdir / f"{i}.qmp")
+    listener = _listen(path)
+    con_listener = _listen(str(workdir / f"{i}.serial")) if consoles is not None else None
+    try:
+        mon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        mon.connect(path)  # queued in the backlog; QEMU accepts it when it is up
+        mon.setblocking(False)
+        kept = [listener.fileno()]
+        console_arg = None
+        if con_listener is not None and consoles is not None:
+            con = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            con.connect(str(workdir / f"{i}.serial"))  # QEMU waits for it (wait=on)
+            consoles.append(con)  # held open, never read (a guest that prints little)
+            kept.append(con_listener.fileno())
+            console_arg = (con_listener.fileno(), str(workdir / f"{i}.console"))
+        popen = subprocess.Popen(
+            make_argv(i, listener.fileno(), console_arg),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=kept,
+            start_new_session=True,
+        )
+    finally:
+        listener.close()
+        if con_listener is not None:
+            con_listener.close()
+    return _Domain(i, popen, os.pidfd_open(popen.pid), mon)
+
+
+def _clean_up(doms: list[_Domain], consoles: list[socket.socket]) -> None:
+    for dom in doms:
+        if dom.popen.returncode is None:
+            dom.popen.kill()
+            dom.popen.wait()
+        os.close(dom.pidfd)
+        dom.mon.close()
+    for con in consoles:
+        con.close()
+
+
 def run(
     n: int,
     workdir: Path,
@@ -184,37 +230,12 @@ def run(
     fds_before = open_fds()
     try:
         t0 = time.perf_counter()
+        c0 = time.process_time()  # the controller's own CPU
         by_fd: dict[int, _Domain] = {}
         for i in range(n):
-            path = str(workdir / f"{i}.qmp")
-            listener = _listen(path)
-            con_listener = _listen(str(workdir / f"{i}.serial")) if console else None
-            try:
-                mon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                mon.connect(path)  # queued in the backlog; QEMU accepts it when it is up
-                mon.setblocking(False)
-                kept = [listener.fileno()]
-                console_arg = None
-                if con_listener is not None:
-                    con = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    con.connect(str(workdir / f"{i}.serial"))  # QEMU waits for it (wait=on)
-                    consoles.append(con)  # held open, never read (a guest that prints little)
-                    kept.append(con_listener.fileno())
-                    console_arg = (con_listener.fileno(), str(workdir / f"{i}.console"))
-                popen = subprocess.Popen(
-                    make_argv(i, listener.fileno(), console_arg),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    pass_fds=kept,
-                    start_new_session=True,
-                )
-            finally:
-                listener.close()
-                if con_listener is not None:
-                    con_listener.close()
-            dom = _Domain(popen, os.pidfd_open(popen.pid), mon)
+            dom = _spawn(i, workdir, make_argv, consoles if console else None)
             doms.append(dom)
+            mon = dom.mon
             by_fd[mon.fileno()] = dom
             ep.register(mon.fileno(), select.EPOLLIN)
         ready_at: list[float] = []
@@ -238,6 +259,7 @@ def run(
                     ready_at.append(time.perf_counter() - t0)
                     waiting -= 1
         t1 = time.perf_counter()
+        c1 = time.process_time()
         gc.collect()
         rss_running = rss_bytes()
         threads_running = os_threads()
@@ -245,6 +267,7 @@ def run(
 
         by_pidfd = {d.pidfd: d for d in doms}
         t2 = time.perf_counter()
+        c2 = time.process_time()
         for dom in doms:
             signal.pidfd_send_signal(dom.pidfd, signal.SIGTERM)
             ep.register(dom.pidfd, select.EPOLLIN)
@@ -256,21 +279,17 @@ def run(
                 by_pidfd[fd].popen.returncode = 0  # reaped above
                 left -= 1
         t3 = time.perf_counter()
+        c3 = time.process_time()
     finally:
-        for dom in doms:
-            if dom.popen.returncode is None:
-                dom.popen.kill()
-                dom.popen.wait()
-            os.close(dom.pidfd)
-            dom.mon.close()
-        for con in consoles:
-            con.close()
+        _clean_up(doms, consoles)
         ep.close()
     ready_at.sort()
     return {
         "start_s": round(t1 - t0, 4),
         "start_p50_s": round(ready_at[len(ready_at) // 2], 4) if ready_at else None,
         "destroy_s": round(t3 - t2, 4),
+        "start_cpu_s": round(c1 - c0, 4),
+        "destroy_cpu_s": round(c3 - c2, 4),
         "threads_before": threads_before,
         "threads_running": threads_running,
         "rss_before_kib": rss_before // 1024,
@@ -278,3 +297,107 @@ def run(
         "fds_before": fds_before,
         "fds_running": fds_running,
     }
+
+
+def run_tasks(
+    n: int,
+    workdir: Path,
+    make_argv: ArgvFactory,
+    *,
+    backend: str,
+    console: bool = False,
+    duties: bool = False,
+) -> Result:
+    """The floor of a controller built on anyio: what ``run`` does, with one task per domain.
+
+    Each domain's task spawns its QEMU exactly as ``run`` does and awaits its greeting with
+    ``anyio.wait_readable``; at destroy each task sends SIGTERM through the pidfd, awaits the
+    pidfd with ``anyio.wait_readable`` and reaps with ``waitid``. Nothing else: no QMP beyond
+    the greeting, no records, no events, no console reading. The distance from ``run`` is what
+    the event loop and one task per domain cost; aiovirt cannot come closer to raw than this.
+
+    With ``duties`` the task also does, in the fewest steps, what aiovirt must do at a destroy
+    beyond that: it reads the monitor to its EOF (QEMU's SHUTDOWN event comes before it), closes
+    the monitor and console sockets and removes the runtime record (a small file written once
+    the greeting is read) and both socket files.
+    """
+    import anyio
+
+    doms: list[_Domain] = []
+    consoles: list[socket.socket] = []
+    ready_at: list[float] = []
+
+    async def start(i: int, t0: float) -> None:
+        dom = _spawn(i, workdir, make_argv, consoles if console else None)
+        doms.append(dom)
+        mon, popen = dom.mon, dom.popen
+        while True:
+            await anyio.wait_readable(mon)
+            data = mon.recv(4096)
+            if not data:
+                raise RuntimeError(f"QEMU {popen.pid} closed its monitor while starting")
+            if dom.feed(data, False):
+                break
+        if duties:
+            fd = os.open(workdir / f"{dom.index}.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.write(fd, b'{"pid": %d}' % popen.pid)
+            os.close(fd)
+        ready_at.append(time.perf_counter() - t0)
+
+    async def destroy(dom: _Domain) -> None:
+        signal.pidfd_send_signal(dom.pidfd, signal.SIGTERM)
+        if duties:
+            while True:
+                await anyio.wait_readable(dom.mon)
+                if not dom.mon.recv(4096):
+                    break
+        await anyio.wait_readable(dom.pidfd)
+        os.waitid(os.P_PIDFD, dom.pidfd, os.WEXITED)  # noqa: ASYNC222  (it has exited: no wait)
+        dom.popen.returncode = 0  # reaped above
+        if duties:
+            dom.mon.close()
+            if console:
+                consoles[dom.index].close()
+            for suffix in ("json", "qmp", "serial"):
+                with contextlib.suppress(FileNotFoundError):  # QEMU removes its sockets' files
+                    os.unlink(workdir / f"{dom.index}.{suffix}")
+
+    async def main() -> Result:
+        gc.collect()
+        out: Result = {
+            "threads_before": os_threads(),
+            "rss_before_kib": rss_bytes() // 1024,
+            "fds_before": open_fds(),
+        }
+        t0 = time.perf_counter()
+        c0 = time.process_time()  # the controller's own CPU
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(start, i, t0)
+        t1 = time.perf_counter()
+        c1 = time.process_time()
+        gc.collect()
+        out.update(rss_running_kib=rss_bytes() // 1024, threads_running=os_threads(), fds_running=open_fds())
+        await anyio.sleep(0.02)
+        t2 = time.perf_counter()
+        c2 = time.process_time()
+        async with anyio.create_task_group() as tg:
+            for dom in doms:
+                tg.start_soon(destroy, dom)
+        t3 = time.perf_counter()
+        c3 = time.process_time()
+        ready_at.sort()
+        out.update(
+            start_s=round(t1 - t0, 4),
+            start_p50_s=round(ready_at[len(ready_at) // 2], 4) if ready_at else None,
+            destroy_s=round(t3 - t2, 4),
+            start_cpu_s=round(c1 - c0, 4),
+            destroy_cpu_s=round(c3 - c2, 4),
+        )
+        return out
+
+    try:
+        return anyio.run(main, backend=backend)
+    finally:
+        _clean_up(doms, consoles)

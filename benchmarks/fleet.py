@@ -12,6 +12,13 @@ Backends, each in a fresh interpreter (so thread and memory figures are its own)
 - ``raw-qmp``: the same, but doing aiovirt's protocol work per domain: QEMU starts paused, and
   "started" is the reply to ``cont`` after ``qmp_capabilities`` (a like-for-like physical limit;
   ``start / raw-qmp`` in the table).
+- ``floor-asyncio`` / ``floor-trio``: the floor of any controller built on anyio (``_raw.run_tasks``):
+  raw's spawn, greeting and destroy, but one anyio task per domain awaiting its monitor and its
+  pidfd, and nothing else. ``/ floor`` in the table is aiovirt over the floor of its own event loop:
+  what aiovirt's own work costs, apart from what the event loop and a task per domain cost.
+- ``duties-asyncio`` / ``duties-trio``: the floor plus, done in the fewest steps, what aiovirt must
+  do at a destroy: read the monitor to its EOF, close both sockets, remove the record and both
+  socket files (``duties=True``). ``destroy / duties`` is what aiovirt's own code costs beyond that.
 - ``asyncio`` / ``trio``: ``aiovirt.connect("qemu:///embed?root=TMP")``, ``conn.create(cfg)`` for
   all N in one task group, then ``dom.destroy()`` for all in one task group. ``create`` returns only
   once QEMU was spawned paused, the monitor greeted, ``qmp_capabilities`` and ``cont`` were answered
@@ -39,7 +46,8 @@ import _bench
 from _bench import Result
 
 AIOVIRT_BACKENDS = ("asyncio", "trio")
-ALL_BACKENDS = ("raw", "raw-qmp", *AIOVIRT_BACKENDS)
+FLOOR_BACKENDS = tuple(f"{kind}-{b}" for kind in ("floor", "duties") for b in AIOVIRT_BACKENDS)
+ALL_BACKENDS = ("raw", "raw-qmp", *FLOOR_BACKENDS, *AIOVIRT_BACKENDS)
 DEFAULT_N = {"none": 1000, "pc": 100}
 
 # Targets from the issue (README.md explains each).
@@ -70,6 +78,10 @@ def worker_raw(args: argparse.Namespace, workdir: Path) -> Result:
     )
     console = args.raw_argv == "aiovirt"  # like aiovirt's domains (console on by default)
     make(0, 3, (4, "/dev/null") if console else None)  # import and warm the renderer first
+    if args.worker in FLOOR_BACKENDS:
+        kind, backend = args.worker.split("-")
+        duties = kind == "duties"
+        return _raw.run_tasks(args.n, workdir, make, backend=backend, console=console, duties=duties)
     return _raw.run(args.n, workdir, make, handshake=handshake, console=console)
 
 
@@ -122,10 +134,12 @@ def worker_aiovirt(args: argparse.Namespace, workdir: Path) -> Result:
                     await anyio.sleep(0.02)
                     phase[0] = "start"
                     t0 = time.perf_counter()
+                    c0 = time.process_time()  # the controller's own CPU
                     async with anyio.create_task_group() as tg:
                         for cfg in configs:
                             tg.start_soon(create, cfg)
                     t1 = time.perf_counter()
+                    c1 = time.process_time()
                     phase[0] = "idle"
                     gc.collect()
                     out["rss_running_kib"] = _bench.rss_bytes() // 1024
@@ -138,10 +152,12 @@ def worker_aiovirt(args: argparse.Namespace, workdir: Path) -> Result:
                     await anyio.sleep(0.02)
                     phase[0] = "destroy"
                     t2 = time.perf_counter()
+                    c2 = time.process_time()
                     async with anyio.create_task_group() as tg:
                         for dom in doms:
                             tg.start_soon(dom.destroy)
                     t3 = time.perf_counter()
+                    c3 = time.process_time()
                     phase[0] = "idle"
                     monitor.cancel_scope.cancel()
                 states = {d.state.value for d in doms}
@@ -152,6 +168,8 @@ def worker_aiovirt(args: argparse.Namespace, workdir: Path) -> Result:
                     start_s=round(t1 - t0, 4),
                     start_p50_s=round(ready_at[len(ready_at) // 2], 4),
                     destroy_s=round(t3 - t2, 4),
+                    start_cpu_s=round(c1 - c0, 4),
+                    destroy_cpu_s=round(c3 - c2, 4),
                     threads_after=_bench.os_threads(),
                     max_loop_stall_start_s=round(stalls["start"], 4),
                     max_loop_stall_destroy_s=round(stalls["destroy"], 4),
@@ -190,12 +208,14 @@ def worker_main(args: argparse.Namespace) -> None:
         modules = ["_raw", "aiovirt.config"]
         if args.worker in AIOVIRT_BACKENDS:
             modules += ["anyio", args.worker, "aiovirt._connection", "aiovirt._domain"]
+        elif args.worker in FLOOR_BACKENDS:
+            modules += ["anyio", args.worker.split("-")[1]]
         for module in modules:
             importlib.import_module(module)
         profiler = cProfile.Profile()
         profiler.enable()
     try:
-        if args.worker in ("raw", "raw-qmp"):
+        if args.worker not in AIOVIRT_BACKENDS:
             result.update(worker_raw(args, workdir))
         else:
             result.update(worker_aiovirt(args, workdir))
@@ -291,6 +311,8 @@ def summarize(runs: list[Result], backends: list[str]) -> dict[str, Result]:
             "start_s",
             "start_p50_s",
             "destroy_s",
+            "start_cpu_s",
+            "destroy_cpu_s",
             "kib_per_domain",
             "fds_per_domain",
             "max_loop_stall_start_s",
@@ -312,8 +334,12 @@ def summarize(runs: list[Result], backends: list[str]) -> dict[str, Result]:
         # Each repeat's ratio against the baseline of the same repeat (run beside it), then the
         # median and the spread of those ratios: the machine's drift between repeats cancels.
         pairs = [("start_ratio", "raw", "start_s"), ("destroy_ratio", "raw", "destroy_s")]
-        if backend != "raw-qmp":
+        if backend in AIOVIRT_BACKENDS:
             pairs.append(("start_ratio_vs_raw_qmp", "raw-qmp", "start_s"))
+            floor = f"floor-{backend}"
+            pairs.append(("start_ratio_vs_floor", floor, "start_s"))
+            pairs.append(("destroy_ratio_vs_floor", floor, "destroy_s"))
+            pairs.append(("destroy_ratio_vs_duties", f"duties-{backend}", "destroy_s"))
         for name, base, field in pairs:
             _bench.put_ratio(s, name, _bench.paired_ratios(runs, "backend", backend, base, field))
     return out
@@ -331,7 +357,7 @@ def markdown(report: Result) -> str:
     rows = []
     for backend, s in report["summary"].items():
         if not s.get("ok"):
-            rows.append([backend, f"unavailable: {s.get('error')}", *[None] * 10])
+            rows.append([backend, f"unavailable: {s.get('error')}", *[None] * 14])
             continue
         threads = f"{s['peak_threads_sampled']} (+{s['thread_growth']})"
         if "daemon_threads_running" in s:
@@ -346,9 +372,13 @@ def markdown(report: Result) -> str:
                 s["start_s"],
                 _bench.with_spread(s, "start_ratio"),
                 _bench.with_spread(s, "start_ratio_vs_raw_qmp"),
+                _bench.with_spread(s, "start_ratio_vs_floor"),
                 s["start_p50_s"],
                 s["destroy_s"],
                 _bench.with_spread(s, "destroy_ratio"),
+                _bench.with_spread(s, "destroy_ratio_vs_floor"),
+                _bench.with_spread(s, "destroy_ratio_vs_duties"),
+                _cpu_per_domain(s, n),
                 threads,
                 mem_text,
                 s.get("fds_per_domain"),
@@ -361,9 +391,13 @@ def markdown(report: Result) -> str:
             "start s",
             "start / raw",
             "start / raw-qmp",
+            "start / floor",
             "half started s",
             "destroy s",
             "destroy / raw",
+            "destroy / floor",
+            "destroy / duties",
+            "controller CPU ms / domain (start / destroy)",
             "peak threads (growth)",
             "KiB / domain",
             "fds / domain",
@@ -401,6 +435,13 @@ def markdown(report: Result) -> str:
     return head + "\n" + table + "\n\nTargets:\n\n" + target_table
 
 
+def _cpu_per_domain(s: Result, n: int) -> str | None:
+    start, destroy = s.get("start_cpu_s"), s.get("destroy_cpu_s")
+    if start is None or destroy is None:
+        return None  # libvirt: its daemon's CPU is not the client's
+    return f"{1000 * start / n:.2f} / {1000 * destroy / n:.2f}"
+
+
 def _stall(s: Result) -> str | None:
     start, destroy = s.get("max_loop_stall_start_s"), s.get("max_loop_stall_destroy_s")
     if start is None or destroy is None:
@@ -416,7 +457,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--backends",
         default=",".join(ALL_BACKENDS),
-        help="comma-separated subset of raw,raw-qmp,asyncio,trio",
+        help="comma-separated subset of " + ",".join(ALL_BACKENDS),
     )
     p.add_argument("--libvirt", action="store_true", help="also run libvirt (installs and starts libvirtd)")
     p.add_argument("--libvirt-workers", type=int, default=64)

@@ -417,6 +417,31 @@ async def test_second_client_handshake_is_bounded(qemu: Qemu) -> None:
             assert (await first.execute("query-status"))["status"] == "prelaunch"
 
 
+async def test_a_client_closed_before_its_reader_ran_leaves_its_fd_number_alone(
+    qemu: Qemu, short_dir: Path
+) -> None:
+    """A client closed at once, before its reader task first ran, must not wait on the closed
+    socket's fd number: by then it may name another socket, whose wait it would break
+    (BusyResourceError) or whose event-loop registration it would take and then drop, and that
+    socket's owner would never hear from it again."""
+    (short_dir / "other").mkdir()
+    other = spawn_qemu(short_dir / "other", str(short_dir / "other" / "mon.sock"))
+    try:
+        with anyio.fail_after(LIMIT):
+            sock_a = await connect_unix(qemu.sock)
+            number = sock_a.fileno()
+            sock_b = await connect_unix(other.sock)
+            async with QMPClient.open(sock_a) as a:
+                await a.aclose()  # nothing in between yields: a's reader has not run yet
+                os.dup2(sock_b.fileno(), number)  # the closed socket's number now names b's
+                sock_b.close()
+                async with QMPClient.open(socket.socket(fileno=number)) as b:
+                    assert (await b.execute("query-status"))["status"] == "prelaunch"
+            assert a.closed
+    finally:
+        reap(other)
+
+
 async def test_connect_to_missing_socket(short_dir: Path) -> None:
     with pytest.raises(ConnectionLostError, match="cannot connect") as info:
         async with QMPClient.open_unix(short_dir / "nothing.sock"):

@@ -100,13 +100,20 @@ class _SocketTransport:
     async def receive(self) -> bytes:
         """The next bytes from the peer; b"" at EOF. Raises OSError or ClosedResourceError."""
         while True:
-            await anyio.wait_readable(self._fd)
+            await self.wait_readable()
             data = self.recv_ready()
             if data is not None:
                 return data
 
     async def wait_readable(self) -> None:
-        await anyio.wait_readable(self._fd)
+        await anyio.wait_readable(self._open_fd())
+
+    def _open_fd(self) -> int:
+        # Once closed, the number may name another socket: waiting on it would break that
+        # socket's wait (BusyResourceError) or take and then drop its registration with the loop.
+        if self._sock.fileno() < 0:
+            raise anyio.ClosedResourceError
+        return self._fd
 
     def recv_ready(self) -> bytes | None:
         """What the peer sent (b"" at EOF), or None if nothing is there after all."""
@@ -125,7 +132,7 @@ class _SocketTransport:
         view = memoryview(data)
         try:
             while sent < len(data):
-                await anyio.wait_writable(self._fd)
+                await anyio.wait_writable(self._open_fd())
                 with suppress(BlockingIOError, InterruptedError):
                     sent += self._sock.send(view[sent:], socket.MSG_NOSIGNAL)
         except BaseException:
