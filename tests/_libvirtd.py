@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .conftest import qemu_pids
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "libvirtd.sh"
 # Installing the packages on a fresh machine takes most of this; a start alone takes well under 1 s.
 _START_TIMEOUT = 600
@@ -160,3 +162,11 @@ def make_test_pki(directory: Path) -> TestPKI:
     leaf("client", "/CN=aiovirt-client", "client", "ca", 3)
     leaf("rogue", "/CN=rogue-client", "client", "otherca", 4)
     return TestPKI(directory)
+
+
+def qemu_pid(name: str) -> int:
+    """The QEMU a daemon runs for domain ``name`` (libvirt's ``-name guest=NAME,debug-threads=on``)."""
+    pids = qemu_pids(f"\0guest={name},debug-threads=on\0")
+    if len(pids) != 1:
+        raise LookupError(f"{name}: QEMU pids {sorted(pids)}")
+    return pids.pop()

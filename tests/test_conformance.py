@@ -1,16 +1,22 @@
-"""One behaviour suite, run against every driver (``test:///empty`` and ``qemu:///embed``) on both
-backends. What only QEMU shows (argv, reattach, pid reuse, crash safety) stays in its own files.
+"""One behaviour suite, run against every driver on both backends: aiovirt's ``test:///empty``,
+``qemu:///embed``, and (``remote``) libvirt's own test driver behind a real, private libvirtd,
+reached through the remote driver (``test+unix:///default``). What only one driver shows stays in
+its own files (QEMU: argv, reattach, pid reuse, crash safety; remote: test_remote_conformance.py).
 
 Guests here ignore the ACPI button (QEMU: ``machine="none"``, no OS; test: scripted) so that a
 stop goes through the signal stages; one that ignores SIGTERM is, for QEMU, a ``kill -STOP``ped
-process and, for the test driver, scripted.
+process and, for the test driver, scripted. libvirt's test driver can do neither: it has no
+processes (no pid; nothing ignores SIGTERM), no QEMU monitor (``qmp`` raises CommandError
+NO_SUPPORT), its guests power off at once on the button, a destroy sends it no SHUTDOWN event, and
+its host has a domain of its own (``test``). Tests that need what it cannot do run on the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import pytest
@@ -21,19 +27,29 @@ from aiovirt import EventDetail as D
 from aiovirt import EventKind as K
 from aiovirt import StateReason as R
 from aiovirt import StopPolicy, StopStage
+from aiovirt.drivers.remote import RemoteDriver
+from aiovirt.rpc import RPCClient
 from aiovirt.testing import GuestBehaviour, script_guest
 
+from ._libvirtd import Libvirtd, running_libvirtd
 from .conftest import none_config
 from .test_defects import _stop_once_it_handles_sigterm
 
 pytestmark = pytest.mark.anyio
 HANG = 30
+#: Drivers whose guests can be made to ignore the ACPI button and SIGTERM.
+SCRIPTABLE = ["test", "qemu"]
 
 
 class Guests:
+    """A connection to one driver, and what that driver's guests show."""
+
     def __init__(self, conn: aiovirt.Connection, kind: str) -> None:
         self.conn = conn
         self.kind = kind
+        self.remote = kind == "remote"
+        #: Domains the host has of its own.
+        self.others = ["test"] if self.remote else []
 
     def _script(self, name: str, **behaviour: object) -> None:
         if self.kind == "test":
@@ -57,9 +73,30 @@ class Guests:
         return dom
 
 
-@pytest.fixture(params=["test", "qemu"])
-async def guests(request: pytest.FixtureRequest, uri: str) -> AsyncIterator[Guests]:
-    kind = str(request.param)
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[Libvirtd]:
+    with running_libvirtd() as d:
+        yield d
+
+
+@pytest.fixture(params=[*SCRIPTABLE, "remote"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def daemon(kind: str, request: pytest.FixtureRequest) -> Libvirtd | None:
+    # Started (once per module) only when a remote test runs.
+    return request.getfixturevalue("libvirtd") if kind == "remote" else None
+
+
+@pytest.fixture
+async def guests(kind: str, daemon: Libvirtd | None, uri: str) -> AsyncIterator[Guests]:
+    if daemon is not None:
+        async with aiovirt.connect(daemon.uri("test:///default")) as conn:
+            yield Guests(conn, kind)
+        await reset_test_host(daemon)
+        return
     async with aiovirt.connect("test:///empty" if kind == "test" else uri) as conn:
         try:
             yield Guests(conn, kind)
@@ -69,6 +106,27 @@ async def guests(request: pytest.FixtureRequest, uri: str) -> AsyncIterator[Gues
                     os.kill(dom.pid, signal.SIGCONT)
                 with anyio.fail_after(HANG):
                     await dom.destroy(timeout=5)
+
+
+async def reset_test_host(daemon: Libvirtd) -> None:
+    """Leave libvirt's test host as a fresh one is (its own ``test`` running), for the next test.
+    It lives as long as any connection to it, and the daemon may take a moment to let one go."""
+    async with RPCClient.open_unix(daemon.socket, "test:///default") as client:
+        for ref in await client.list_all_domains():
+            if ref.name == "test":
+                if ref.id == -1:
+                    await client.create(ref)
+                await client.set_autostart(ref, False)
+                continue
+            if ref.id != -1:
+                await client.destroy(ref)
+            with contextlib.suppress(aiovirt.DomainNotFoundError):
+                await client.undefine(ref)
+
+
+def remote_driver(conn: aiovirt.Connection) -> RemoteDriver:
+    assert isinstance(conn.driver, RemoteDriver)
+    return conn.driver
 
 
 def _kinds(events: list[aiovirt.DomainEvent]) -> list[tuple[K, D]]:
@@ -89,17 +147,27 @@ async def test_lifecycle_states_and_events(guests: Guests) -> None:
         dom = await guests.define("life")
         await dom.start()
         assert (dom.state, dom.reason) == (S.RUNNING, R.BOOTED)
+        assert (dom.pid is None) == (guests.kind != "qemu")  # no process: no made-up pid
         await dom.suspend()
         assert (dom.state, dom.reason) == (S.PAUSED, R.USER)
         with pytest.raises(aiovirt.InvalidStateError, match="cannot shut down"):
             await dom.shutdown()  # as libvirt: a paused domain is refused
         await dom.resume()
         assert (dom.state, dom.reason) == (S.RUNNING, R.UNPAUSED)
-        assert (await dom.qmp("query-status"))["status"] == "running"
-        with pytest.raises(aiovirt.CommandError):
-            await dom.qmp("no-such-command")
+        await dom.reset()
+        assert (dom.state, dom.reason) == (S.RUNNING, R.UNPAUSED)
+        if guests.remote:
+            with pytest.raises(aiovirt.CommandError) as no_monitor:
+                await dom.qmp("query-status")  # libvirt's test driver has no QEMU monitor
+            assert no_monitor.value.error_class == "NO_SUPPORT"
+        else:
+            assert (await dom.qmp("query-status"))["status"] == "running"
+            with pytest.raises(aiovirt.CommandError):
+                await dom.qmp("no-such-command")
         assert await dom.destroy() == signal.SIGTERM
-        assert (dom.state, dom.reason, dom.shutdown_reason) == (S.SHUTOFF, R.DESTROYED, "host-signal")
+        # libvirt's test driver sends STOPPED/destroyed alone: no SHUTDOWN/host, no QEMU reason.
+        shutdown_reason = None if guests.remote else "host-signal"
+        assert (dom.state, dom.reason, dom.shutdown_reason) == (S.SHUTOFF, R.DESTROYED, shutdown_reason)
         with pytest.raises(aiovirt.InvalidStateError, match="cannot destroy"):
             await dom.destroy()
         await dom.undefine()
@@ -109,14 +177,18 @@ async def test_lifecycle_states_and_events(guests: Guests) -> None:
         (K.STARTED, D.BOOTED),
         (K.SUSPENDED, D.PAUSED),
         (K.RESUMED, D.UNPAUSED),
-        (K.SHUTDOWN, D.HOST),
+        *([] if guests.remote else [(K.SHUTDOWN, D.HOST)]),
         (K.STOPPED, D.DESTROYED),
         (K.UNDEFINED, D.REMOVED),
     ]
     with pytest.raises(aiovirt.DomainNotFoundError):
         await conn.lookup("life")
+    if guests.remote:
+        with pytest.raises(aiovirt.DomainNotFoundError):  # and the daemon has forgotten it too
+            await remote_driver(conn).client.lookup_by_name("life")
 
 
+@pytest.mark.parametrize("kind", SCRIPTABLE, indirect=True)
 async def test_graceful_destroy_of_a_process_that_ignores_sigterm(guests: Guests) -> None:
     dom = await guests.create_deaf("deaf")
     with anyio.fail_after(HANG), pytest.raises(aiovirt.DestroyTimeoutError) as info:
@@ -141,6 +213,7 @@ async def test_errors_for_bad_requests(guests: Guests) -> None:
         await dom.suspend()
     with pytest.raises(aiovirt.ConfigError):
         await conn.define(none_config("bad name/"))
+    assert [d.name for d in await conn.list_domains()] == sorted(["dup", *guests.others])
 
 
 async def test_run_destroys_on_cancellation(guests: Guests) -> None:
@@ -149,9 +222,10 @@ async def test_run_destroys_on_cancellation(guests: Guests) -> None:
         async with conn.run(none_config("cancelled")) as dom:
             await anyio.sleep_forever()
     assert (dom.state, dom.reason) == (S.SHUTOFF, R.DESTROYED)
-    assert await conn.list_domains() == []
+    assert [d.name for d in await conn.list_domains()] == guests.others
 
 
+@pytest.mark.parametrize("kind", SCRIPTABLE, indirect=True)
 async def test_stop_all_stages_and_results(guests: Guests) -> None:
     conn = guests.conn
     plain = await guests.create("plain")
@@ -180,7 +254,7 @@ async def test_paused_policy_report_leaves_it_alone(guests: Guests) -> None:
     conn = guests.conn
     dom = await guests.create("left")
     await dom.suspend()
-    [r] = await conn.stop_all(policy=StopPolicy(paused="report", acpi_timeout=1))
+    [r] = await conn.stop_all([dom], policy=StopPolicy(paused="report", acpi_timeout=1))
     assert (r.stopped, r.stage) == (False, StopStage.NONE)
     assert isinstance(r.error, aiovirt.InvalidStateError) and dom.state == S.PAUSED
 

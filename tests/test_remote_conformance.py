@@ -1,16 +1,16 @@
-"""The driver seam's behaviour suite (tests/test_conformance.py) against ``test+unix:///default``: libvirt's
-own test driver behind a real, private libvirtd, through the remote driver. Both anyio backends.
+"""What libvirt's own test driver shows through the remote driver (``test+unix:///default``, a
+real, private libvirtd) beyond the behaviour suite, which runs against it too (test_conformance.py,
+the ``remote`` driver). Both anyio backends.
 
 Where libvirt's test driver differs from aiovirt's drivers, the test shows what the caller gets:
-it has no processes (no pid; a destroy ends a guest at once, graceful or not; nothing can ignore
-SIGTERM), no QEMU monitor (``qmp`` raises CommandError NO_SUPPORT), its guests power off at once
-on the ACPI button, and it sends no SHUTDOWN event on a destroy (``shutdown_reason`` stays None).
-Each new connection to it sees a fresh host, as with ``virsh``.
+it has no processes (a destroy ends a guest at once, graceful or not; nothing can ignore SIGTERM),
+its guests power off at once on the ACPI button, its host has a domain of its own that aiovirt
+cannot represent, and definitions live on the daemon. Each new connection to it sees a fresh host,
+as with ``virsh``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,15 +20,13 @@ import pytest
 
 import aiovirt
 from aiovirt import DomainState as S
-from aiovirt import EventDetail as D
-from aiovirt import EventKind as K
 from aiovirt import StateReason as R
 from aiovirt import StopPolicy, StopStage
-from aiovirt.drivers.remote import RemoteDriver
-from aiovirt.rpc import LifecycleEvent, RPCClient
+from aiovirt.rpc import LifecycleEvent
 
 from ._libvirtd import Libvirtd, running_libvirtd
 from .conftest import none_config
+from .test_conformance import remote_driver, reset_test_host
 
 pytestmark = pytest.mark.anyio
 HANG = 30
@@ -44,72 +42,7 @@ def daemon() -> Iterator[Libvirtd]:
 async def conn(daemon: Libvirtd) -> AsyncIterator[aiovirt.Connection]:
     async with aiovirt.connect(daemon.uri("test:///default")) as c:
         yield c
-    # The test host lives as long as any connection to it, and the daemon may take a moment to
-    # let the last one go: leave it as a fresh one is, for the next test.
-    async with RPCClient.open_unix(daemon.socket, "test:///default") as client:
-        for ref in await client.list_all_domains():
-            if ref.name == "test":
-                if ref.id == -1:
-                    await client.create(ref)
-                await client.set_autostart(ref, False)
-                continue
-            if ref.id != -1:
-                await client.destroy(ref)
-            with contextlib.suppress(aiovirt.DomainNotFoundError):
-                await client.undefine(ref)
-
-
-def driver(conn: aiovirt.Connection) -> RemoteDriver:
-    assert isinstance(conn.driver, RemoteDriver)
-    return conn.driver
-
-
-def _kinds(events: list[aiovirt.DomainEvent]) -> list[tuple[K, D]]:
-    return [(e.kind, e.detail) for e in events]
-
-
-async def _drain(sub: aiovirt.Subscription[aiovirt.DomainEvent]) -> list[aiovirt.DomainEvent]:
-    await anyio.sleep(0.1)
-    out = []
-    while (e := sub.receive_nowait()) is not None:
-        out.append(e)
-    return out
-
-
-async def test_lifecycle_states_and_events(conn: aiovirt.Connection) -> None:
-    async with conn.subscribe() as sub:
-        dom = await conn.define(none_config("life"))
-        await dom.start()
-        assert (dom.state, dom.reason, dom.pid) == (S.RUNNING, R.BOOTED, None)  # no process: no pid
-        await dom.suspend()
-        assert (dom.state, dom.reason) == (S.PAUSED, R.USER)
-        with pytest.raises(aiovirt.InvalidStateError, match="cannot shut down"):
-            await dom.shutdown()  # as libvirt: a paused domain is refused
-        await dom.resume()
-        assert (dom.state, dom.reason) == (S.RUNNING, R.UNPAUSED)
-        await dom.reset()
-        with pytest.raises(aiovirt.CommandError) as no_monitor:
-            await dom.qmp("query-status")  # the test driver has no QEMU monitor
-        assert no_monitor.value.error_class == "NO_SUPPORT"
-        assert await dom.destroy() == signal.SIGTERM
-        # The test driver sends STOPPED/destroyed alone: no SHUTDOWN/host, no QEMU reason.
-        assert (dom.state, dom.reason, dom.shutdown_reason) == (S.SHUTOFF, R.DESTROYED, None)
-        with pytest.raises(aiovirt.InvalidStateError, match="cannot destroy"):
-            await dom.destroy()
-        await dom.undefine()
-        events = await _drain(sub)
-    assert _kinds(events) == [
-        (K.DEFINED, D.ADDED),
-        (K.STARTED, D.BOOTED),
-        (K.SUSPENDED, D.PAUSED),
-        (K.RESUMED, D.UNPAUSED),
-        (K.STOPPED, D.DESTROYED),
-        (K.UNDEFINED, D.REMOVED),
-    ]
-    with pytest.raises(aiovirt.DomainNotFoundError):
-        await conn.lookup("life")
-    with pytest.raises(aiovirt.DomainNotFoundError):  # and the daemon has forgotten it too
-        await driver(conn).client.lookup_by_name("life")
+    await reset_test_host(daemon)
 
 
 async def test_graceful_destroy_always_ends_a_test_guest(conn: aiovirt.Connection) -> None:
@@ -121,34 +54,15 @@ async def test_graceful_destroy_always_ends_a_test_guest(conn: aiovirt.Connectio
     assert (dom.state, dom.reason) == (S.SHUTOFF, R.DESTROYED)
 
 
-async def test_errors_for_bad_requests(conn: aiovirt.Connection) -> None:
-    dom = await conn.define(none_config("dup"))
-    with pytest.raises(aiovirt.DomainExistsError):
-        await conn.create(none_config("dup"))
-    with pytest.raises(aiovirt.DomainExistsError, match="UUID"):
-        await conn.define(none_config("other", uuid=dom.uuid))
-    with pytest.raises(aiovirt.DomainNotFoundError):
-        await conn.lookup("nobody")
-    with pytest.raises(aiovirt.InvalidStateError, match="cannot suspend"):
-        await dom.suspend()
-    with pytest.raises(aiovirt.ConfigError):
-        await conn.define(none_config("bad name/"))
-    # The daemon's own refusal: a domain it has under that name, which this connection never saw.
-    client = driver(conn).client
+async def test_the_daemons_own_refusal(conn: aiovirt.Connection) -> None:
+    # A domain the daemon has under that name, which this connection never saw.
+    client = remote_driver(conn).client
     await client.define_xml(
         f"<domain type='test'><name>theirs</name><uuid>{uuid.uuid4()}</uuid><memory>65536</memory>"
         "<os><type>hvm</type></os></domain>"
     )
     with pytest.raises(aiovirt.DomainExistsError, match="already exists"):
         await conn.define(none_config("theirs"))
-    assert [d.name for d in await conn.list_domains()] == ["dup", "test"]
-
-
-async def test_run_destroys_on_cancellation(conn: aiovirt.Connection) -> None:
-    with anyio.move_on_after(0.5):
-        async with conn.run(none_config("cancelled")) as dom:
-            await anyio.sleep_forever()
-    assert (dom.state, dom.reason) == (S.SHUTOFF, R.DESTROYED)
     assert [d.name for d in await conn.list_domains()] == ["test"]
 
 
@@ -169,14 +83,6 @@ async def test_stop_all_stages_and_results(conn: aiovirt.Connection) -> None:
     assert (await conn.lookup("test")).reason == R.SHUTDOWN
 
 
-async def test_paused_policy_report_leaves_it_alone(conn: aiovirt.Connection) -> None:
-    dom = await conn.create(none_config("left"))
-    await dom.suspend()
-    results = await conn.stop_all([dom], policy=StopPolicy(paused="report", acpi_timeout=1))
-    assert [(r.stopped, r.stage) for r in results] == [(False, StopStage.NONE)]
-    assert isinstance(results[0].error, aiovirt.InvalidStateError) and dom.state == S.PAUSED
-
-
 async def test_the_default_host_and_its_unrepresentable_domain(conn: aiovirt.Connection) -> None:
     dom = await conn.lookup("test")
     assert dom.state == S.RUNNING and dom.persistent and dom.pid is None
@@ -189,17 +95,21 @@ async def test_the_default_host_and_its_unrepresentable_domain(conn: aiovirt.Con
     info = await dom.info()
     assert (info.state, info.memory_mib, info.vcpus, info.pid) == (S.RUNNING, 8192, 2, None)
     await dom.set_autostart(True)  # changes the flag only: libvirt's definition stays as it was
-    assert await driver(conn).client.get_autostart(await driver(conn).client.lookup_by_name("test"))
-    assert driver(conn).daemon_autostart("test") is True
+    assert await remote_driver(conn).client.get_autostart(
+        await remote_driver(conn).client.lookup_by_name("test")
+    )
+    assert remote_driver(conn).daemon_autostart("test") is True
     assert await dom.destroy() == signal.SIGTERM
     await dom.start()
     assert (dom.state, dom.reason) == (S.RUNNING, R.BOOTED)
-    xml = await driver(conn).client.get_xml_desc(await driver(conn).client.lookup_by_name("test"))
+    xml = await remote_driver(conn).client.get_xml_desc(
+        await remote_driver(conn).client.lookup_by_name("test")
+    )
     assert "type='test'" in xml and "testnet0" in xml
 
 
 async def test_definitions_live_on_the_daemon(conn: aiovirt.Connection) -> None:
-    client = driver(conn).client
+    client = remote_driver(conn).client
     daemon_events: list[LifecycleEvent] = []
     async with client.subscribe_lifecycle() as raw:
         dom = await conn.define(none_config("kept", memory_mib=32))
@@ -269,7 +179,7 @@ async def test_readonly_connection(daemon: Libvirtd) -> None:
             await conn.define(none_config("nope"))
         # The daemon itself refuses writes on this connection (it was opened VIR_CONNECT_RO).
         with pytest.raises(aiovirt.rpc.LibvirtError, match=r"read-only|read only"):
-            await driver(conn).client.suspend(await driver(conn).client.lookup_by_name("test"))
+            await remote_driver(conn).client.suspend(await remote_driver(conn).client.lookup_by_name("test"))
 
 
 async def test_an_error_in_the_block_propagates_unchanged(daemon: Libvirtd) -> None:

@@ -17,9 +17,8 @@ from aiovirt import StopPolicy, StopStage
 from aiovirt._hosts import HostStopResult, stop_all_hosts
 from aiovirt.testing import GuestBehaviour, script_guest
 
-from ._libvirtd import Libvirtd, running_libvirtd
+from ._libvirtd import Libvirtd, qemu_pid, running_libvirtd
 from .conftest import none_config
-from .test_remote_qemu import qemu_pid
 
 pytestmark = pytest.mark.anyio
 HANG = 90

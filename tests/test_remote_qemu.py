@@ -24,7 +24,8 @@ from aiovirt import StopPolicy, StopStage
 from aiovirt.drivers.remote import RemoteDriver
 from aiovirt.rpc import RPCClient
 
-from ._libvirtd import Libvirtd, running_libvirtd
+from ._libvirtd import Libvirtd, qemu_pid, running_libvirtd
+from .conftest import pid_alive
 
 pytestmark = pytest.mark.anyio
 HANG = 60
@@ -37,30 +38,6 @@ def pc(name: str, **kw: object) -> aiovirt.DomainConfig:
 def unique(prefix: str) -> str:
     """Guest names unique on this machine (other tests' daemons may run guests too)."""
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def qemu_pid(name: str) -> int:
-    """The QEMU libvirt runs for domain ``name`` (its ``-name guest=NAME,...`` argument)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"qemu-system-x86_64") and f"guest={name},debug-threads=on".encode() in argv:
-            return int(entry)
-    raise LookupError(name)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rindex(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ from aiovirt.rpc import (
 from aiovirt.rpc import _protocol as P
 from aiovirt.rpc._codec import RPCCodec, decode_header, encode_packet
 from aiovirt.rpc._xdr import Packer
-from tests._libvirtd import Libvirtd, running_libvirtd
+from tests._libvirtd import Libvirtd, qemu_pid, running_libvirtd
+from tests.conftest import pid_alive
 
 pytestmark = pytest.mark.anyio
 
@@ -360,28 +361,6 @@ QEMU_XML = (
     "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
     "<devices><memballoon model='none'/></devices></domain>"
 )
-
-
-def qemu_pid(name: str) -> int:
-    """The pid of the QEMU that libvirt runs for domain ``name`` (its -name guest=NAME argument)."""
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"qemu-system-x86_64") and f"guest={name},debug-threads=on".encode() in argv:
-            return int(entry)
-    raise LookupError(name)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rindex(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
 async def test_a_real_qemu_guest_through_the_daemon(daemon: Libvirtd) -> None:
