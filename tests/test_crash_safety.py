@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import stat
 import uuid as uuid_mod
@@ -488,9 +489,36 @@ def check_while_no_controller_runs(state_root: Path, where: str) -> None:
     assert not list(state_root.rglob("*.corrupt")), where
 
 
+def describe_qemu(pid: int) -> str:
+    """What a QEMU is doing, for a failure message: each thread's state, kernel wait and syscall,
+    and who holds the other end of each of its unix sockets (from /proc; nothing is signalled)."""
+    threads = []
+    try:
+        for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+            task = f"/proc/{pid}/task/{tid}"
+            with open(f"{task}/stat") as st, open(f"{task}/wchan") as wc, open(f"{task}/syscall") as sc:
+                state = st.read().rsplit(")", 1)[1].split()[0]
+                threads.append(f"{tid} {state} {wc.read().strip() or '-'} syscall {sc.read().split()[0]}")
+    except OSError as exc:
+        threads.append(f"({exc})")
+    return f"QEMU {pid}: " + "; ".join(threads)
+
+
+def unreachable_report(conn: aiovirt.Connection) -> str:
+    lines = []
+    for problem in conn.problems:
+        lines.append(str(problem))
+        found = re.search(r"QEMU (\d+)", problem.message)
+        if problem.kind == "unreachable" and found:
+            lines.append(describe_qemu(int(found.group(1))))
+            with contextlib.suppress(OSError):
+                lines.append("log: " + problem.path.read_text(errors="replace")[-2000:])
+    return "\n".join(lines)
+
+
 async def check_connected(conn: aiovirt.Connection, state_root: Path, where: str) -> None:
     """After a reconnect: every domain RUNNING/PAUSED and attached, or SHUTOFF; records match."""
-    assert conn.problems == [], f"{where}: {conn.problems}"
+    assert conn.problems == [], f"{where}: {unreachable_report(conn)}"
     active = {}
     for dom in await conn.list_domains():
         if dom.active:
