@@ -357,7 +357,7 @@ def markdown(report: Result) -> str:
     rows = []
     for backend, s in report["summary"].items():
         if not s.get("ok"):
-            rows.append([backend, f"unavailable: {s.get('error')}", *[None] * 14])
+            rows.append([backend, f"unavailable: {s.get('error')}", *[None] * 13])
             continue
         threads = f"{s['peak_threads_sampled']} (+{s['thread_growth']})"
         if "daemon_threads_running" in s:

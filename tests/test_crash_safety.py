@@ -490,8 +490,8 @@ def check_while_no_controller_runs(state_root: Path, where: str) -> None:
 
 
 def describe_qemu(pid: int) -> str:
-    """What a QEMU is doing, for a failure message: each thread's state, kernel wait and syscall,
-    and who holds the other end of each of its unix sockets (from /proc; nothing is signalled)."""
+    """What a QEMU is doing, for a failure message: each thread's state, kernel wait and system
+    call (from /proc; nothing is signalled)."""
     threads = []
     try:
         for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):

@@ -73,7 +73,7 @@ class _SocketTransport:
         A reader registered once, instead of ``wait_readable`` per receive (two ``epoll_ctl``
         calls and a task step): a reply can reach its caller one loop iteration sooner.
         """
-        if self._sock.fileno() < 0:
+        if self.closed:
             return False  # closed before the reader began: the pulled path ends it as before
         sock = self._sock
 
@@ -108,10 +108,14 @@ class _SocketTransport:
     async def wait_readable(self) -> None:
         await anyio.wait_readable(self._open_fd())
 
+    @property
+    def closed(self) -> bool:
+        return self._sock.fileno() < 0
+
     def _open_fd(self) -> int:
         # Once closed, the number may name another socket: waiting on it would break that
         # socket's wait (BusyResourceError) or take and then drop its registration with the loop.
-        if self._sock.fileno() < 0:
+        if self.closed:
             raise anyio.ClosedResourceError
         return self._fd
 
@@ -140,7 +144,7 @@ class _SocketTransport:
             raise
 
     async def aclose(self) -> None:
-        if self._sock.fileno() >= 0:
+        if not self.closed:
             self.stop_pushing()
             # Wakes any task still waiting on the fd (with ClosedResourceError) before it is reused.
             anyio.notify_closing(self._fd)
