@@ -44,6 +44,9 @@ _RECEIVE_SIZE: Final = 65536
 # sun_path is 108 bytes including the terminating NUL.
 # What a transport raises when the peer went away or it was closed under us.
 _IO_ERRORS: Final = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+# Why a connection ended, when QEMU ended it.
+_CLOSED_BY_QEMU: Final = "QMP connection closed by QEMU"
+_QEMU_BROKE_PROTOCOL: Final = "QMP connection closed: QEMU broke the protocol"
 # How long to wait before retrying a connect refused with EAGAIN (the listen backlog is full).
 
 
@@ -402,9 +405,9 @@ class QMPClient:
                         cause = await self._read_beside_callers(transport)
                     else:
                         cause = await self._receive_until_eof()
-                reason = "QMP connection closed by QEMU" if cause is None else "QMP connection broken"
+                reason = _CLOSED_BY_QEMU if cause is None else "QMP connection broken"
         except ProtocolError as exc:
-            cause, reason = exc, "QMP connection closed: QEMU broke the protocol"
+            cause, reason = exc, _QEMU_BROKE_PROTOCOL
         except Exception as exc:
             cause, reason = exc, "QMP connection closed: the on_event callback raised"
             raise
@@ -420,12 +423,16 @@ class QMPClient:
             try:
                 data = await transport.receive()
             except _IO_ERRORS as exc:
-                feed(b"")
-                self._dispatch_buffered()
-                return exc
+                return self._broken_by(exc)
             feed(data)
             if self._dispatch_buffered():
                 return None
+
+    def _broken_by(self, exc: BaseException) -> BaseException:
+        """The stream failed: dispatch what was complete before it, as at EOF; return ``exc``."""
+        self._codec.receive_data(b"")
+        self._dispatch_buffered()
+        return exc
 
     async def _read_beside_callers(self, transport: _SocketTransport) -> BaseException | None:
         """The reader task on a plain socket (trio): it reads while no caller does (see
@@ -435,9 +442,7 @@ class QMPClient:
             handoff = self._handoff
             if handoff is not None:
                 if isinstance(handoff, _IO_ERRORS):
-                    feed(b"")
-                    self._dispatch_buffered()
-                    return handoff
+                    return self._broken_by(handoff)
                 raise handoff  # ProtocolError, or what on_event raised: as if we had read it
             if self._handoff_eof:
                 return None
@@ -455,9 +460,7 @@ class QMPClient:
                     continue  # a caller took over reading; what is there is its to read
                 data = transport.recv_ready()
             except _IO_ERRORS as exc:
-                feed(b"")
-                self._dispatch_buffered()
-                return exc
+                return self._broken_by(exc)
             if data is None:
                 continue
             feed(data)
@@ -682,9 +685,9 @@ class QMPClient:
         if not self._closed:
             state = self._codec.state
             if state is CodecState.CLOSED:
-                reason = "QMP connection closed by QEMU"
+                reason = _CLOSED_BY_QEMU
             elif state is CodecState.ERROR:
-                reason = "QMP connection closed: QEMU broke the protocol"
+                reason = _QEMU_BROKE_PROTOCOL
         exc = ConnectionLostError(reason, command=command)
         exc.__cause__ = self._close_cause if self._closed else self._send_broken
         return exc
