@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
+import anyio.abc
+import anyio.streams.buffered
 import pytest
 
 import aiovirt
@@ -247,6 +249,67 @@ async def test_a_deleted_monitor_socket_does_not_kill_the_qemu(
         with anyio.fail_after(HANG):
             assert await dom.destroy() == signal.SIGTERM  # QEMU still honours SIGTERM: it flushes
         assert (dom.state, dom.reason) == (S.SHUTOFF, R.DESTROYED)
+
+
+@pytest.mark.parametrize("spoil", ["greets twice", "never greets", "hangs up"])
+async def test_a_spoiled_first_monitor_connection_is_tried_again_at_once(
+    uri: str, state_root: Path, short_handshake: None, spoil: str
+) -> None:
+    """QEMU 7.2 can spoil the first monitor connection after its controller was SIGKILLed: it
+    greeted twice in the crash-safety test, or never. That race cannot be made on demand, so a
+    stand-in listener spoils the first connection (with the real QEMU's greeting) and forwards
+    every later one to the real monitor. The domain must be taken back reachable, not unreachable."""
+    async with aiovirt.connect(uri) as conn:
+        pid = _pid(await conn.create(none_config("spoiled")))
+    run = state_root / "run"
+    real = run / "spoiled.qmp.real"
+    (run / "spoiled.qmp").rename(real)
+    connections = 0
+
+    async def pump(source: anyio.abc.ByteStream, sink: anyio.abc.ByteStream) -> None:
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            async for chunk in source:
+                await sink.send(chunk)
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await sink.send_eof()
+
+    async def serve(client: anyio.abc.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        async with client, await anyio.connect_unix(real) as monitor:
+            if connections == 1:
+                greeting = await anyio.streams.buffered.BufferedByteReceiveStream(monitor).receive_until(
+                    b"\n", 4096
+                )
+                if spoil == "greets twice":
+                    await client.send((greeting + b"\n") * 2)  # the line, less its \n
+                if spoil != "hangs up":
+                    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                        while True:  # until the controller gives this connection up
+                            await client.receive()
+                return
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump, client, monitor)
+                tg.start_soon(pump, monitor, client)
+
+    listener = await anyio.create_unix_listener(run / "spoiled.qmp")
+    os.chmod(run / "spoiled.qmp", 0o600)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, serve)
+            async with aiovirt.connect(uri) as conn:
+                dom = await conn.lookup("spoiled")
+                assert conn.problems == [], conn.problems
+                assert (dom.state, dom.pid, dom.reachable) == (S.RUNNING, pid, True)
+                assert connections >= 2
+                assert (await dom.qmp("query-status"))["status"] == "running"
+                with anyio.fail_after(HANG):
+                    assert await dom.destroy() == signal.SIGTERM
+                assert not pid_alive(pid)
+            tg.cancel_scope.cancel()
+    finally:
+        await listener.aclose()
+        real.unlink(missing_ok=True)
 
 
 # 5 -----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import anyio.lowlevel
 
 from ..._broadcast import Subscription
 from ..._console import ConsolePort
-from ..._errors import AiovirtError, ConnectionLostError, ReadOnlyError, StateDirError
+from ..._errors import AiovirtError, ConnectionLostError, ProtocolError, ReadOnlyError, StateDirError
 from ..._lifecycle import Happening
 from ...config import DomainConfig
 from ...qmp._client import QMPClient
@@ -48,6 +48,10 @@ _DRAIN_TIMEOUT = 5.0
 #: and the longest pause between later attempts.
 _ADOPT_HANDSHAKE_TIMEOUT = 10.0
 _RETRY_MAX = 30.0
+#: Before it is marked unreachable, that timeout is shared by this many connections. QEMU 7.2 can
+#: spoil the first connection after a controller vanished (it greets twice, or never; see
+#: ``_statedir``'s listener note) while a fresh connection answers at once.
+_ADOPT_ATTEMPTS = 3
 
 _STATUS_HAPPENING = {
     "running": Happening.ADOPTED_RUNNING,
@@ -234,8 +238,9 @@ class QemuMachine(Machine):
         """Own a QEMU an earlier controller started, until it exits or the connection closes.
 
         Its identity was checked: it is never signalled here. ``started`` comes once its status is
-        known, or once its monitor failed to answer within one handshake timeout: then the domain
-        is marked unreachable and the monitor is tried again in the background, with backoff.
+        known, or once its monitor failed to answer within one handshake timeout (shared by up to
+        ``_ADOPT_ATTEMPTS`` connections, for a QEMU that spoils one): then the domain is marked
+        unreachable and the monitor is tried again in the background, with backoff.
         ``phase`` is the recorded phase (``starting``: the last controller died during the start,
         which is finished here).
         """
@@ -243,6 +248,7 @@ class QemuMachine(Machine):
         announced = False
         self._reporting = False
         delay = 1.0
+        spare_attempts = _ADOPT_ATTEMPTS - 1
         try:
             async with anyio.create_task_group() as tg:
 
@@ -258,8 +264,9 @@ class QemuMachine(Machine):
                 while True:
                     try:
                         sock = self._driver.statedir.connect_monitor(self._name)
+                        limit = _ADOPT_HANDSHAKE_TIMEOUT / (1 if announced else _ADOPT_ATTEMPTS)
                         async with QMPClient.open(
-                            sock, on_event=self._on_event, handshake_timeout=_ADOPT_HANDSHAKE_TIMEOUT
+                            sock, on_event=self._on_event, handshake_timeout=limit
                         ) as qmp:
                             status = (await qmp.execute("query-status"))["status"]
                             booted = status == "prelaunch" or (phase == "starting" and status == "running")
@@ -292,6 +299,16 @@ class QemuMachine(Machine):
                         problem = f"monitor of QEMU {proc.pid} does not answer: {exc}"
                         if proc.poll():
                             await anyio.sleep_forever()  # exiting: watch_exit reports it
+                        if (
+                            not announced
+                            and spare_attempts
+                            and isinstance(exc, ProtocolError | ConnectionLostError)
+                        ):
+                            # It listens but this connection went wrong: try a fresh one now. (Not
+                            # after an OSError: nobody listens, or a stopped QEMU's backlog is full.)
+                            spare_attempts -= 1
+                            await anyio.sleep(0.05)
+                            continue
                         if self._unreachable is None:
                             self._unreachable = problem
                             self._observer.reachable(problem)
