@@ -63,6 +63,7 @@ _ABOVE_DRIVERS = {"_domain", "_connection", "_fleet", "cli", "pytest_plugin"}
         ("_lifecycle.py", {"drivers", "qmp", "config", "_broadcast", *_ABOVE_DRIVERS}),
         ("_uri.py", {"drivers", "qmp", "config", "_broadcast", *_ABOVE_DRIVERS}),
         ("_unix.py", {"*"}),
+        ("_fds.py", {"*"}),
         ("_background.py", {"*"}),
         ("config/_models.py", {"drivers", "qmp", "_lifecycle", *_ABOVE_DRIVERS}),
         ("config/_render.py", {"drivers", "qmp", "_lifecycle", *_ABOVE_DRIVERS}),

@@ -64,3 +64,44 @@ async def test_300_domains_no_thread_growth(uri: str) -> None:
     peak = max(samples)
     # Not one thread per domain: a fixed allowance for the runtime's own helpers, far below N.
     assert peak <= baseline + 2, f"threads grew from {baseline} to {peak} with {N} domains"
+
+
+def live_tasks(backend: str) -> int:
+    """Tasks alive in this event loop."""
+    if backend == "asyncio":
+        import asyncio
+
+        return len(asyncio.all_tasks())
+    import trio
+
+    def count(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(count(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return count(root)
+
+
+#: What watches one running domain (a console included): on asyncio its supervisor alone, the
+#: monitor and the console being read by reader callbacks of the loop; on trio also a task reading
+#: the monitor (the consoles of a connection share one task, started with it).
+TASKS_PER_DOMAIN = {"asyncio": 1, "trio": 2}
+
+
+async def test_tasks_per_running_domain(anyio_backend: str, uri: str) -> None:
+    async with aiovirt.connect(uri) as conn:
+        await anyio.wait_all_tasks_blocked()
+        before = live_tasks(anyio_backend)
+        domains = [await conn.create(none_config(f"k{i}")) for i in range(4)]
+        await anyio.wait_all_tasks_blocked()
+        running = live_tasks(anyio_backend)
+        for dom in domains:
+            assert (await dom.qmp("query-status"))["status"] == "running"
+            assert dom.config.console  # its console is served too
+        async with anyio.create_task_group() as tg:
+            for dom in domains:
+                tg.start_soon(dom.destroy)
+        await anyio.wait_all_tasks_blocked()
+        after = live_tasks(anyio_backend)
+    assert (running - before) == TASKS_PER_DOMAIN[anyio_backend] * len(domains)
+    assert after == before  # nothing outlives its domain

@@ -1,18 +1,18 @@
 """An anyio QMP client: a short loop around :class:`~aiovirt.qmp.QMPCodec`.
 
-One reader task per connection routes replies to their callers by id and hands events, in
-order, to an ``on_event`` callback and to bounded subscriptions. Callers may run
+A reader routes replies to their callers by id and hands events, in order, to an
+``on_event`` callback and to bounded subscriptions. Callers may run
 :meth:`QMPClient.execute` from any number of tasks at once; there are no timeouts inside
 (wrap calls in ``anyio.fail_after``), only the handshake at connection time is bounded.
 
 Given a plain connected :class:`socket.socket` the client does its own non-blocking I/O on it
 (one ``send`` syscall per command, no extra trip through the event loop); given any anyio
-``ByteStream`` it goes through the stream. On asyncio, a plain socket is read in a reader
-callback registered once with the loop: a reply with no event before it wakes its caller from
-there, one loop iteration sooner than through the reader task (measured: sequential round trips
-from 0.79x to 0.97x of a bare asyncio Protocol); events, and anything that follows an event,
-still go through the reader task, in order. On trio, a caller waiting for its reply on a plain
-socket reads it itself, as a bare trio client does, while the reader task stands aside (see
+``ByteStream`` it goes through the stream, read by a reader task. On asyncio, a plain socket
+is read by a reader callback registered once with the loop, with no task at all: it parses and
+dispatches in place, so a reply wakes its caller one loop iteration sooner than through a task
+(measured: sequential round trips from 0.79x to 0.97x of a bare asyncio Protocol) and a
+connection costs no task to start, wake or end. On trio, a caller waiting for its reply on a
+plain socket reads it itself, as a bare trio client does, while the reader task stands aside (see
 :meth:`QMPClient._read_as_caller`).
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections import deque
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractContextManager, asynccontextmanager, suppress
 from typing import Any, Final, NoReturn, TypeAlias
@@ -34,8 +34,12 @@ import sniffio
 from .._background import background_tasks
 from .._broadcast import Broadcaster, Subscription
 from .._errors import CommandError, ConnectionLostError, ProtocolError
+from .._fds import FdWaits
 from .._unix import connect_unix
 from ._codec import CLOSED, NEED_DATA, CodecState, Event, Greeting, QMPCodec, Response
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
 
 __all__ = ["QMPClient", "connect_unix"]
 
@@ -58,12 +62,13 @@ class _SocketTransport:
     after part of it went out.
     """
 
-    __slots__ = ("_fd", "_loop", "_sock", "push_error", "torn")
+    __slots__ = ("_fd", "_loop", "_sock", "_waits", "push_error", "torn")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._fd = sock.fileno()
+        self._waits = FdWaits(self._fd)
         self._loop: asyncio.AbstractEventLoop | None = None
         #: The error that ended pushing (reported as EOF to ``on_data``), if one did.
         self.push_error: OSError | None = None
@@ -109,18 +114,18 @@ class _SocketTransport:
                 return data
 
     async def wait_readable(self) -> None:
-        await anyio.wait_readable(self._open_fd())
+        self._check_open()
+        await self._waits.readable()
 
     @property
     def closed(self) -> bool:
         return self._sock.fileno() < 0
 
-    def _open_fd(self) -> int:
+    def _check_open(self) -> None:
         # Once closed, the number may name another socket: waiting on it would break that
         # socket's wait (BusyResourceError) or take and then drop its registration with the loop.
         if self.closed:
             raise anyio.ClosedResourceError
-        return self._fd
 
     def recv_ready(self) -> bytes | None:
         """What the peer sent (b"" at EOF), or None if nothing is there after all."""
@@ -139,7 +144,8 @@ class _SocketTransport:
         view = memoryview(data)
         try:
             while sent < len(data):
-                await anyio.wait_writable(self._open_fd())
+                self._check_open()
+                await self._waits.writable()
                 with suppress(BlockingIOError, InterruptedError):
                     sent += self._sock.send(view[sent:], socket.MSG_NOSIGNAL)
         except BaseException:
@@ -147,10 +153,12 @@ class _SocketTransport:
             raise
 
     async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
         if not self.closed:
             self.stop_pushing()
-            # Wakes any task still waiting on the fd (with ClosedResourceError) before it is reused.
-            anyio.notify_closing(self._fd)
+            self._waits.notify_closing()
             self._sock.close()
 
 
@@ -237,11 +245,10 @@ class QMPClient:
         self._closed_event = anyio.Event()
         self._reader_scope = anyio.CancelScope()
         self._greeting: Greeting | None = None
-        # What the transport's reader callback leaves to the reader task (see _pushed).
-        self._held: deque[Response | Event | object | ProtocolError] = deque()
-        self._wake = anyio.Event()
-        # How a plain socket is read (set in open): pushed by the loop, or by a waiting caller.
-        self._pushes = False
+        # Pushed by the loop (asyncio, plain socket; see _pushed): the caller's block, cancelled
+        # if on_event raises, and what it raised.
+        self._block_scope: anyio.CancelScope | None = None
+        self._callback_error: Exception | None = None
         # A waiting caller reading for the reader task (see _read_as_caller).
         self._callers_may_read = False
         self._caller_reading = False
@@ -294,13 +301,15 @@ class QMPClient:
             await client._transport.aclose()
             raise
         # How a plain socket is read, decided once: on asyncio by the loop's reader callback
-        # (_pushed), which the reader task registers; on trio by the caller waiting for a reply
-        # (_read_as_caller), from the first call on (whatever the codec buffered since the
-        # handshake is dispatched first). Any other stream: by the reader task alone.
+        # (_pushed), with no task; on trio by the caller waiting for a reply (_read_as_caller),
+        # from the first call on (whatever the codec buffered since the handshake is dispatched
+        # first), and by the reader task otherwise. Any other stream: by the reader task alone.
         if isinstance(client._transport, _SocketTransport):
-            on_asyncio = sniffio.current_async_library() == "asyncio"
-            client._pushes = on_asyncio
-            client._callers_may_read = not on_asyncio
+            if sniffio.current_async_library() == "asyncio":
+                async with client._pushed_by_loop(client._transport):
+                    yield client
+                return
+            client._callers_may_read = True
         async with background_tasks(client.aclose) as tg:
             tg.start_soon(client._read_loop)
             yield client
@@ -394,14 +403,7 @@ class QMPClient:
                 # The handshake may have buffered messages that followed the negotiation reply.
                 if not self._dispatch_buffered():
                     transport = self._transport
-                    if (
-                        isinstance(transport, _SocketTransport)
-                        and self._pushes
-                        and transport.push_to(self._pushed)
-                    ):
-                        await self._serve_pushed()
-                        cause = transport.push_error
-                    elif isinstance(transport, _SocketTransport) and self._callers_may_read:
+                    if isinstance(transport, _SocketTransport) and self._callers_may_read:
                         cause = await self._read_beside_callers(transport)
                     else:
                         cause = await self._receive_until_eof()
@@ -449,23 +451,25 @@ class QMPClient:
             if self._caller_reading:
                 await self._caller_done.wait()
                 continue
-            try:
-                with anyio.CancelScope() as wait:
-                    self._reader_wait = wait
-                    try:
-                        await transport.wait_readable()
-                    finally:
-                        self._reader_wait = None
-                if wait.cancel_called:
-                    continue  # a caller took over reading; what is there is its to read
-                data = transport.recv_ready()
-            except _IO_ERRORS as exc:
-                return self._broken_by(exc)
-            if data is None:
-                continue
-            feed(data)
-            if self._dispatch_buffered():
-                return None
+            # One scope for as long as no caller takes over, not one per wakeup.
+            with anyio.CancelScope() as wait:
+                self._reader_wait = wait
+                try:
+                    while True:
+                        try:
+                            await transport.wait_readable()
+                            if wait.cancel_called:
+                                break  # a caller took over reading; what is there is its to read
+                            data = transport.recv_ready()
+                        except _IO_ERRORS as exc:
+                            return self._broken_by(exc)
+                        if data is None:
+                            continue
+                        feed(data)
+                        if self._dispatch_buffered():
+                            return None
+                finally:
+                    self._reader_wait = None
 
     async def _read_as_caller(self, call: _Call) -> None:
         """Read the monitor in the calling task until ``call``'s reply is in (trio, plain socket).
@@ -508,46 +512,62 @@ class QMPClient:
         if not call.done.is_set():  # the connection is ending: it is set then, with no response
             await call.done.wait()
 
-    def _pushed(self, data: bytes) -> None:
-        """The transport's reader callback (asyncio): parse; hand a reply whose caller can be woken
-        at once to it, anything else (events, and whatever follows an event) to the reader task."""
-        held = self._held
-        try:
-            self._codec.receive_data(data)
-            next_event = self._codec.next_event
-            while True:
-                msg = next_event()
-                if type(msg) is Response and not held:
-                    self._resolve(msg)
-                elif msg is NEED_DATA:
-                    break
-                else:
-                    held.append(msg)  # an event, or CLOSED, or what follows one: in order
-                    if msg is CLOSED:
-                        break
-        except ProtocolError as exc:
-            held.append(exc)
-        if held:
-            self._wake.set()
+    @asynccontextmanager
+    async def _pushed_by_loop(self, transport: _SocketTransport) -> AsyncIterator[None]:
+        """The caller's block while the loop's reader callback reads (asyncio, plain socket).
 
-    async def _serve_pushed(self) -> None:
-        """The reader task while the transport pushes: dispatch what the callback held, in order."""
-        while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            held = self._held
-            while held:
-                msg = held.popleft()
-                if type(msg) is Response:
-                    self._resolve(msg)
-                elif type(msg) is Event:
-                    self._dispatch_event(msg)
-                elif msg is CLOSED:
-                    return
-                elif isinstance(msg, ProtocolError):
-                    raise msg
-                else:  # pragma: no cover - the codec rejects a second greeting
-                    raise ProtocolError("unexpected greeting")
+        There is no reader task: :meth:`_pushed` parses and dispatches in the callback. An
+        exception of ``on_event`` there ends the connection, cancels the block and comes out of it
+        in an ExceptionGroup, as a reader task's would out of its task group; the block's own
+        exception comes out unwrapped.
+        """
+        scope = self._block_scope = anyio.CancelScope()
+        body_error: BaseException | None = None
+        try:
+            # What the handshake buffered first, then whatever arrives.
+            self._pushed(b"", buffered=True)
+            if not self._closed:
+                transport.push_to(self._pushed)
+            with scope:
+                yield
+        except BaseException as exc:
+            body_error = exc
+        finally:
+            self._block_scope = None
+            await self.aclose()
+        error = self._callback_error
+        if error is not None:
+            # What the block raised then (the connection lost, or the cancellation) follows from it.
+            raise ExceptionGroup("QMP connection closed: the on_event callback raised", [error])
+        if body_error is not None:
+            raise body_error
+
+    def _pushed(self, data: bytes, *, buffered: bool = False) -> None:
+        """The transport's reader callback (asyncio): parse and dispatch, in order; b"" is the end
+        (``buffered``: nothing new, only what the codec holds). Whatever ends the connection
+        (EOF, an I/O error, a protocol error, an exception of on_event) ends it here."""
+        if self._closed:
+            return  # given up (a torn write): nothing more is dispatched
+        transport = self._transport
+        assert isinstance(transport, _SocketTransport)
+        try:
+            if not buffered:
+                self._codec.receive_data(data)
+            if not self._dispatch_buffered():
+                return
+            cause: BaseException | None = transport.push_error
+            reason = _CLOSED_BY_QEMU if cause is None else "QMP connection broken"
+        except ProtocolError as exc:
+            cause, reason = exc, _QEMU_BROKE_PROTOCOL
+        except Exception as exc:
+            # A bug in on_event: never swallowed, and the caller's block learns of it now.
+            cause, reason = exc, "QMP connection closed: the on_event callback raised"
+            self._callback_error = exc
+            if self._block_scope is not None:
+                # After the callers woken below: they see the connection lost, as with a task.
+                asyncio.get_running_loop().call_soon(self._block_scope.cancel)
+        self._finish(reason, cause)
+        transport.close()
 
     def _dispatch_buffered(self) -> bool:
         """Route every complete buffered message; True once the peer's EOF was reached."""
@@ -670,6 +690,8 @@ class QMPClient:
             self._send_broken = exc
             self._finish("QMP connection closed: a write was interrupted midway", exc)
             self._reader_scope.cancel()
+            if isinstance(self._transport, _SocketTransport):
+                self._transport.stop_pushing()
         else:
             # Cancelled before anything was written: nothing happened, the client is intact.
             self._codec.abandon(cmd_id)

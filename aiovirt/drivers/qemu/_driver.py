@@ -12,15 +12,15 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.abc
 
 from ..._errors import AiovirtError, ConnectionLostError, LaunchError, StateDirError
+from ..._fds import Readers
 from ..._lifecycle import Happening
 from ..._uri import ParsedURI
 from ...config import DomainConfig, render_argv
@@ -59,6 +59,8 @@ class QemuDriver(Driver):
         self.readonly = readonly
         self.statedir = statedir
         self._tg = task_group
+        #: Where the consoles are read (see :class:`~aiovirt._fds.Readers`).
+        self.readers = Readers()
         self._problems: list[StateProblem] = []
         self._watched: list[Process] = []  # a read-only connection's pidfds, closed with it
 
@@ -73,6 +75,7 @@ class QemuDriver(Driver):
         try:
             async with anyio.create_task_group() as tg:
                 driver = cls(uri, statedir, tg, readonly=readonly)
+                tg.start_soon(driver.readers.serve)
                 try:
                     yield driver
                 finally:
@@ -84,10 +87,6 @@ class QemuDriver(Driver):
 
     async def aclose(self) -> None:
         self._tg.cancel_scope.cancel()
-
-    def start_task(self, func: Callable[[], Coroutine[Any, Any, object]]) -> None:
-        """Run ``func`` in the driver's task group (it ends when the connection closes)."""
-        self._tg.start_soon(func)
 
     @property
     def problems(self) -> Sequence[StateProblem]:

@@ -124,8 +124,7 @@ class QemuMachine(Machine):
 
     def serve_console(self, sock: socket.socket) -> None:
         """Read the console through ``sock`` (connected to QEMU's console socket) from now on."""
-        self._serial = SerialConsole(self._name, sock)
-        self._driver.start_task(self._serial.serve)
+        self._serial = SerialConsole(self._name, sock, self._driver.readers)
 
     async def console(self) -> ConsolePort:
         serial = self._serial
@@ -150,7 +149,8 @@ class QemuMachine(Machine):
     # -- supervision --------------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
-        # Runs in the monitor's reader task, in QEMU's order.
+        # Runs where the monitor is read (asyncio: the loop's reader callback; trio: a task), in
+        # QEMU's order.
         if not self._reporting:
             return
         if event.name == "STOP":
@@ -210,9 +210,16 @@ class QemuMachine(Machine):
             await self._monitor_broke(exc)
         finally:
             self._qmp = None
+            self._close_console()
             if proc.exited:
                 self._exited()
             proc.close()
+
+    def _close_console(self) -> None:
+        # Supervision ends (the process exited, or the connection closes): so does the console's
+        # (QEMU serves it to the next controller).
+        if self._serial is not None:
+            self._serial.close()
 
     async def _monitor_broke(self, exc: BaseException) -> None:
         # The monitor failed while QEMU lives on (it should not happen): keep watching the process.
@@ -320,6 +327,7 @@ class QemuMachine(Machine):
                     delay = min(delay * 2, _RETRY_MAX)
         finally:
             self._qmp = None
+            self._close_console()
             if proc.exited:
                 if not announced:
                     # Gone before we could tell its status: it exited while nobody watched.

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import anyio
 
+from ..._fds import FdWaits
+
 __all__ = [
     "Process",
     "ProcessIdentity",
@@ -161,6 +163,7 @@ class Process:
     def __init__(self, identity: ProcessIdentity, pidfd: int) -> None:
         self.identity = identity
         self._pidfd: int | None = pidfd
+        self._waits = FdWaits(pidfd)
         self.exited = False
         #: Exit status once known: only for our own children (negative: killed by that signal).
         self.returncode: int | None = None
@@ -244,7 +247,7 @@ class Process:
         while not self.poll():
             if self._pidfd is None:
                 raise anyio.ClosedResourceError
-            await anyio.wait_readable(self._pidfd)
+            await self._waits.readable()
 
     def _reap(self) -> None:
         self.exited = True
@@ -260,7 +263,7 @@ class Process:
         """Release the pidfd (the process itself is left alone). Idempotent."""
         if self._pidfd is not None:
             fd, self._pidfd = self._pidfd, None
-            anyio.notify_closing(fd)
+            self._waits.notify_closing()
             os.close(fd)
 
     # -- facts about the running process, for Domain.info() ---------------------------------------

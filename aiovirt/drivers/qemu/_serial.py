@@ -7,8 +7,9 @@ without pause and fans the bytes out to the open consoles (:class:`~aiovirt._con
 which never blocks). When the controller exits, QEMU listens again and keeps logging; the next
 controller connects to ``RUN/NAME.serial`` when it takes the QEMU back.
 
-Reading and writing are plain non-blocking socket calls awaited with ``anyio.wait_readable`` /
-``wait_writable`` (no transport, no thread), as the QMP client does.
+The socket is read by a reader callback (:class:`~aiovirt._fds.Readers`: the loop's on asyncio, one
+task for all of a connection's consoles on trio), never by a task of its own; writes are plain
+non-blocking sends awaited with ``wait_writable``. No transport, no thread.
 """
 
 from __future__ import annotations
@@ -19,40 +20,59 @@ import anyio
 
 from ..._console import ConsolePort
 from ..._errors import ConnectionLostError
+from ..._fds import FdWaits, Readers
 
 __all__ = ["SerialConsole"]
 
 _RECEIVE_SIZE = 4096
+_CLOSED_WHY = "its console is closed (the domain stopped, or the connection was closed)"
 
 
 class SerialConsole:
-    """One connection to a QEMU's console socket and the port it feeds. Run :meth:`serve` in a task."""
+    """One connection to a QEMU's console socket and the port it feeds, read from its creation
+    until QEMU closes the console or :meth:`close`."""
 
-    def __init__(self, name: str, sock: socket.socket) -> None:
+    def __init__(self, name: str, sock: socket.socket, readers: Readers) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._fd = sock.fileno()
+        self._waits = FdWaits(self._fd)
         self._name = name
+        self._readers = readers
         self.port = ConsolePort(name, self._write)
+        readers.add(self._fd, self._readable)
 
-    async def serve(self) -> None:
-        """Read until QEMU closes the console (it exited) or the task is cancelled; then close."""
+    def _readable(self) -> None:
+        if self._read_ready() is False:
+            self.close()
+
+    def _read_ready(self) -> bool | None:
+        """Feed what is there: True if something was, None if nothing, False at EOF or error."""
         try:
-            while True:
-                await anyio.wait_readable(self._fd)
-                try:
-                    data = self._sock.recv(_RECEIVE_SIZE)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    break
-                if not data:
-                    break
-                self.port.feed(data)
-        finally:
-            self.port.close("its console is closed (the domain stopped, or the connection was closed)")
-            anyio.notify_closing(self._fd)
-            self._sock.close()
+            data = self._sock.recv(_RECEIVE_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return False
+        if not data:
+            return False
+        self.port.feed(data)
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.fileno() < 0
+
+    def close(self) -> None:
+        """Feed what QEMU already sent, then close. Idempotent."""
+        if self.closed:
+            return
+        self._readers.remove(self._fd)
+        while self._read_ready():
+            pass
+        self.port.close(_CLOSED_WHY)
+        self._waits.notify_closing()  # a console write waiting gets ConnectionLostError
+        self._sock.close()
 
     async def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -61,7 +81,7 @@ class SerialConsole:
                 try:
                     sent = self._sock.send(view, socket.MSG_NOSIGNAL)
                 except (BlockingIOError, InterruptedError):
-                    await anyio.wait_writable(self._fd)
+                    await self._waits.writable()
                     continue
                 view = view[sent:]
         except (OSError, anyio.ClosedResourceError) as exc:
