@@ -25,6 +25,8 @@ from ..._fds import FdWaits, Readers
 __all__ = ["SerialConsole"]
 
 _RECEIVE_SIZE = 4096
+#: At close, what QEMU already sent is fed first, up to this many receives (256 KiB).
+_DRAIN_READS = 64
 _CLOSED_WHY = "its console is closed (the domain stopped, or the connection was closed)"
 
 
@@ -68,8 +70,9 @@ class SerialConsole:
         if self.closed:
             return
         self._readers.remove(self._fd)
-        while self._read_ready():
-            pass
+        for _ in range(_DRAIN_READS):  # bounded: a live QEMU may keep printing
+            if not self._read_ready():
+                break
         self.port.close(_CLOSED_WHY)
         self._waits.notify_closing()  # a console write waiting gets ConnectionLostError
         self._sock.close()
