@@ -72,7 +72,7 @@ class Readers:
             self._loop.add_reader(fd, callback)
             return
         if self._epoll is None:
-            raise anyio.ClosedResourceError  # serve() has ended: the owner is closing
+            return  # serve() has ended: the owner is closing, and closes its fds itself
         self._epoll.register(fd, select.EPOLLIN)
         self._callbacks[fd] = callback
 
@@ -84,7 +84,7 @@ class Readers:
 
     async def serve(self) -> None:
         """Call the callbacks of readable fds until cancelled (trio; on asyncio the loop calls
-        them and this returns at once). No fd can be added once it has ended."""
+        them and this returns at once). Once it has ended, no callback is called."""
         epoll = self._epoll
         if epoll is None:
             return
