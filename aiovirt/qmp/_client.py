@@ -74,15 +74,13 @@ class _SocketTransport:
         self.push_error: OSError | None = None
         self.torn = False
 
-    def push_to(self, on_data: Callable[[bytes], None]) -> bool:
-        """On asyncio only: from now on call ``on_data`` with what arrives (b"" at EOF or on an
-        error) from the loop's reader callback, until :meth:`stop_pushing`; False if closed.
+    def push_to(self, on_data: Callable[[bytes], None]) -> None:
+        """On asyncio only, on an open socket: from now on call ``on_data`` with what arrives (b""
+        at EOF or on an error) from the loop's reader callback, until :meth:`stop_pushing`.
 
         A reader registered once, instead of ``wait_readable`` per receive (two ``epoll_ctl``
         calls and a task step): a reply can reach its caller one loop iteration sooner.
         """
-        if self.closed:
-            return False  # closed before the reader began: the pulled path ends it as before
         sock = self._sock
 
         def readable() -> None:
@@ -98,7 +96,6 @@ class _SocketTransport:
 
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._fd, readable)
-        return True
 
     def stop_pushing(self) -> None:
         if self._loop is not None:
@@ -525,7 +522,7 @@ class QMPClient:
         body_error: BaseException | None = None
         try:
             # What the handshake buffered first, then whatever arrives.
-            self._pushed(b"", buffered=True)
+            self._pushed(None)
             if not self._closed:
                 transport.push_to(self._pushed)
             with scope:
@@ -542,16 +539,16 @@ class QMPClient:
         if body_error is not None:
             raise body_error
 
-    def _pushed(self, data: bytes, *, buffered: bool = False) -> None:
-        """The transport's reader callback (asyncio): parse and dispatch, in order; b"" is the end
-        (``buffered``: nothing new, only what the codec holds). Whatever ends the connection
-        (EOF, an I/O error, a protocol error, an exception of on_event) ends it here."""
+    def _pushed(self, data: bytes | None) -> None:
+        """The transport's reader callback (asyncio): parse ``data`` (b"" is the end; None: only
+        what the codec already holds), dispatch in order. Whatever ends the connection (EOF, an
+        I/O error, a protocol error, an exception of on_event) ends it here."""
         if self._closed:
             return  # given up (a torn write): nothing more is dispatched
         transport = self._transport
         assert isinstance(transport, _SocketTransport)
         try:
-            if not buffered:
+            if data is not None:
                 self._codec.receive_data(data)
             if not self._dispatch_buffered():
                 return
