@@ -15,7 +15,8 @@ step, flushed, so the test can follow it::
                          spawned, its pid not yet recorded) or "before-cont" (QEMU paused in
                          prelaunch, its monitor negotiated, "cont" not sent)
     churn SEED N         define, start, create (transient), suspend, resume, destroy and undefine
-                         domains c00..c(N-1) at random, four at a time, until killed
+                         domains c00..c(N-1) at random, four at a time, until killed; each action
+                         and its outcome, and aiovirt's log, go to stderr (for a failure message)
 
 Domains are ``machine="none"`` (cheap) with the console on, so every QEMU's command line names the
 state directory (the tests find them by it). Any unexpected exception exits with status 3.
@@ -24,12 +25,14 @@ state directory (the tests find them by it). Any unexpected exception exits with
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Awaitable
 from typing import Any
 
 import anyio
@@ -146,10 +149,24 @@ async def die_at(uri: str, point: str, name: str) -> None:
     raise SystemExit("should have died")
 
 
+def log(line: str) -> None:
+    # Unbuffered: the controller is SIGKILLed, and its last actions are the ones that matter.
+    os.write(2, f"{time.monotonic():.4f} {line}\n".encode())
+
+
+class _LogHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        log(f"log {record.levelname} {record.getMessage()}")
+
+
 async def churn(uri: str, seed: int, count: int) -> None:
     rng = random.Random(seed)
     names = [f"c{i:02d}" for i in range(count)]
+    logging.getLogger("aiovirt").addHandler(_LogHandler())
+    logging.getLogger("aiovirt").setLevel(logging.INFO)
     async with aiovirt.connect(uri) as conn:
+        for dom in await conn.list_domains():
+            log(f"{dom.name} loaded {dom.uuid} {dom.state.value} pid={dom.pid} persistent={dom.persistent}")
         say("ready", len(await conn.list_domains(active=True)))
 
         async def act(name: str) -> None:
@@ -157,26 +174,30 @@ async def churn(uri: str, seed: int, count: int) -> None:
                 dom = await conn.lookup(name)
             except aiovirt.DomainNotFoundError:
                 if rng.random() < 0.7:
-                    await conn.define(config(name))
+                    await logged(name, "define", conn.define(config(name)))
                 else:
-                    await conn.create(config(name))
+                    await logged(name, "create", conn.create(config(name)))
                 return
             roll = rng.random()
+            uuid = str(dom.uuid)[:8]
             if not dom.active:
                 if roll < 0.85:
-                    await dom.start()
+                    await logged(name, f"start {uuid}", dom.start())
                 else:
-                    await dom.undefine()
+                    await logged(name, f"undefine {uuid}", dom.undefine())
             elif dom.state == aiovirt.DomainState.PAUSED:
-                await (dom.resume() if roll < 0.5 else dom.destroy(timeout=5))
+                if roll < 0.5:
+                    await logged(name, f"resume {uuid}", dom.resume())
+                else:
+                    await logged(name, f"destroy {uuid}", dom.destroy(timeout=5))
             elif roll < 0.1:
-                await dom.suspend()
+                await logged(name, f"suspend {uuid}", dom.suspend())
             elif roll < 0.15 and dom.persistent:
-                await dom.undefine()
+                await logged(name, f"undefine {uuid}", dom.undefine())
             elif roll < 0.6:
-                await dom.destroy(timeout=5)
+                await logged(name, f"destroy {uuid}", dom.destroy(timeout=5))
             else:
-                await dom.qmp("query-status")
+                await logged(name, f"qmp {uuid}", dom.qmp("query-status"))
 
         async def worker() -> None:
             while True:
@@ -187,6 +208,18 @@ async def churn(uri: str, seed: int, count: int) -> None:
         async with anyio.create_task_group() as tg:
             for _ in range(4):
                 tg.start_soon(worker)
+
+
+async def logged(name: str, what: str, call: Awaitable[Any]) -> None:
+    log(f"{name} {what}")
+    try:
+        result = await call
+    except BaseException as exc:
+        log(f"{name} {what} -> {type(exc).__name__}: {exc}")
+        raise
+    if isinstance(result, aiovirt.Domain):
+        what += f" {str(result.uuid)[:8]} pid={result.pid}"
+    log(f"{name} {what} -> ok")
 
 
 def main(argv: list[str]) -> None:

@@ -542,6 +542,22 @@ async def check_connected(conn: aiovirt.Connection, state_root: Path, where: str
     assert not list(state_root.rglob(".*.tmp")), f"{where}: temporary files left"
 
 
+def controller_log(logs: Path, round_: int, failure: str) -> str:
+    """What the churn controllers of this round and the one before did to the domains a failure
+    names (all of their lines if it names none), for its message."""
+    names = set(re.findall(r"\bc\d\d\b", failure))
+    lines = []
+    for r in (round_ - 1, round_):
+        with contextlib.suppress(OSError):
+            lines.append(f"-- controller of round {r}:")
+            lines += [
+                line
+                for line in (logs / f"err{r}").read_text(errors="replace").splitlines()
+                if not names or names & set(re.findall(r"\bc\d\d\b", line)) or "Traceback" in line
+            ][-400:]
+    return "\n".join(lines)
+
+
 ROUNDS = 24
 DOMAINS = 30
 
@@ -571,14 +587,17 @@ async def test_sigkill_controller_at_random_instants(
             with out.open("wb") as stdout, err.open("wb") as stderr:
                 async with await anyio.open_process(argv, stdout=stdout, stderr=stderr) as proc:
                     await anyio.sleep(delay)
-                    assert proc.returncode is None, f"{where}: the controller died: {err.read_text()}"
+                    assert proc.returncode is None, f"{where}: the controller died: {err.read_text()[-8000:]}"
                     proc.kill()
                     await proc.wait()
             after_connect += out.read_text().startswith("ready")
-            check_while_no_controller_runs(state_root, where)
-            async with aiovirt.connect(uri) as conn:
-                await check_connected(conn, state_root, where)
-                most_running = max(most_running, len(await conn.list_domains(active=True)))
+            try:
+                check_while_no_controller_runs(state_root, where)
+                async with aiovirt.connect(uri) as conn:
+                    await check_connected(conn, state_root, where)
+                    most_running = max(most_running, len(await conn.list_domains(active=True)))
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{controller_log(tmp_path, round_, str(exc))}") from None
             _reap_qemu_zombies()
         print(f"{ROUNDS} kills, {after_connect} after connect, up to {most_running} domains running")
     finally:
