@@ -598,7 +598,9 @@ class DomainTable:
             await dom.start()
         except BaseException:
             if not dom.active:
-                self._forget(dom)
+                # Not run, so not forgotten by its exit (the start was refused or cancelled): gone,
+                # unless another task defined it meanwhile; then its definition keeps it.
+                self.stopped(dom)
             raise
         return dom
 
