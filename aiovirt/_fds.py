@@ -3,8 +3,9 @@
 :class:`FdWaits` awaits one fd and tells the event loop it is closing only when a task waits on
 it. :class:`Readers` calls a function each time an fd turns readable: asyncio has that
 (``loop.add_reader``); trio does not, so there one task waits on an epoll instance that holds every
-fd added (level-triggered) and calls their callbacks. A thousand consoles then cost one task and
-a thousand EOFs a few wakeups, not a thousand of each. stdlib, anyio and sniffio only.
+fd added (level-triggered) and calls their callbacks. A thousand monitors and consoles then cost
+one task and a thousand EOFs a few wakeups, not a thousand of each. An owner may pause its fd's
+callback while it reads the fd itself. stdlib, anyio and sniffio only.
 """
 
 from __future__ import annotations
@@ -66,10 +67,16 @@ class Readers:
         else:
             self._epoll = select.epoll()
 
+    @property
+    def needs_task(self) -> bool:
+        """True where :meth:`serve` must run in a task for callbacks to be called (trio)."""
+        return self._loop is None
+
     def add(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback()`` each time ``fd`` is readable, until :meth:`remove`."""
         if self._loop is not None:
             self._loop.add_reader(fd, callback)
+            self._callbacks[fd] = callback
             return
         if self._epoll is None:
             return  # serve() has ended: the owner is closing, and closes its fds itself
@@ -77,10 +84,30 @@ class Readers:
         self._callbacks[fd] = callback
 
     def remove(self, fd: int) -> None:
+        if self._callbacks.pop(fd, None) is None:
+            return
         if self._loop is not None:
             self._loop.remove_reader(fd)
-        elif self._callbacks.pop(fd, None) is not None and self._epoll is not None:
+        elif self._epoll is not None:
             self._epoll.unregister(fd)
+
+    def pause(self, fd: int) -> None:
+        """No callback for ``fd`` until :meth:`resume` (its owner reads it itself meanwhile)."""
+        if fd not in self._callbacks:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(fd)
+        elif self._epoll is not None:
+            self._epoll.modify(fd, 0)
+
+    def resume(self, fd: int) -> None:
+        callback = self._callbacks.get(fd)
+        if callback is None:
+            return
+        if self._loop is not None:
+            self._loop.add_reader(fd, callback)
+        elif self._epoll is not None:
+            self._epoll.modify(fd, select.EPOLLIN)
 
     async def serve(self) -> None:
         """Call the callbacks of readable fds until cancelled (trio; on asyncio the loop calls

@@ -81,6 +81,43 @@ async def test_a_level_triggered_reader_is_called_until_it_has_read_everything()
     assert chunks[-1] == b""
 
 
+async def test_a_paused_reader_is_not_called_until_resumed() -> None:
+    """Its owner reads the fd itself meanwhile (a QMP caller on trio); what arrives then is left
+    to it, and the callback takes over again once resumed."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    got: list[bytes] = []
+    arrived = anyio.Event()
+
+    def reader() -> None:
+        got.append(a.recv(4096))
+        arrived.set()
+
+    with a, b, anyio.fail_after(LIMIT):
+        async with anyio.create_task_group() as tg:
+            readers = Readers()
+            tg.start_soon(readers.serve)
+            readers.add(a.fileno(), reader)
+            readers.pause(a.fileno())
+            b.send(b"mine")
+            await anyio.wait_readable(a.fileno())
+            for _ in range(10):  # the readers' task (trio) gets its turns: it must not read
+                await anyio.sleep(0.01)
+            assert got == [] and a.recv(4096) == b"mine"
+            readers.resume(a.fileno())
+            b.send(b"yours")
+            await arrived.wait()
+            assert got == [b"yours"]
+            readers.remove(a.fileno())
+            readers.pause(a.fileno())  # after removal: harmless, and no callback comes back
+            readers.resume(a.fileno())
+            b.send(b"nobody's")
+            for _ in range(10):
+                await anyio.sleep(0.01)
+            assert got == [b"yours"]
+            tg.cancel_scope.cancel()
+
+
 async def test_fd_waits_wake_a_waiter_on_closing(anyio_backend: str) -> None:
     a, b = socket.socketpair()
     a.setblocking(False)

@@ -82,10 +82,10 @@ def live_tasks(backend: str) -> int:
     return count(root)
 
 
-#: What watches one running domain (a console included): on asyncio its supervisor alone, the
-#: monitor and the console being read by reader callbacks of the loop; on trio also a task reading
-#: the monitor (the consoles of a connection share one task, started with it).
-TASKS_PER_DOMAIN = {"asyncio": 1, "trio": 2}
+#: What watches one running domain (a console included): its supervisor alone, the monitor and the
+#: console being read by reader callbacks (the loop's on asyncio; on trio those of a connection
+#: share one task, started with it).
+TASKS_PER_DOMAIN = 1
 
 
 async def test_tasks_per_running_domain(anyio_backend: str, uri: str) -> None:
@@ -103,5 +103,5 @@ async def test_tasks_per_running_domain(anyio_backend: str, uri: str) -> None:
                 tg.start_soon(dom.destroy)
         await anyio.wait_all_tasks_blocked()
         after = live_tasks(anyio_backend)
-    assert (running - before) == TASKS_PER_DOMAIN[anyio_backend] * len(domains)
+    assert (running - before) == TASKS_PER_DOMAIN * len(domains)
     assert after == before  # nothing outlives its domain

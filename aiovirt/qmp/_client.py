@@ -6,14 +6,15 @@ A reader routes replies to their callers by id and hands events, in order, to an
 (wrap calls in ``anyio.fail_after``), only the handshake at connection time is bounded.
 
 Given a plain connected :class:`socket.socket` the client does its own non-blocking I/O on it
-(one ``send`` syscall per command, no extra trip through the event loop); given any anyio
-``ByteStream`` it goes through the stream, read by a reader task. On asyncio, a plain socket
-is read by a reader callback registered once with the loop, with no task at all: it parses and
-dispatches in place, so a reply wakes its caller one loop iteration sooner than through a task
-(measured: sequential round trips from 0.79x to 0.97x of a bare asyncio Protocol) and a
-connection costs no task to start, wake or end. On trio, a caller waiting for its reply on a
-plain socket reads it itself, as a bare trio client does, while the reader task stands aside (see
-:meth:`QMPClient._read_as_caller`).
+(one ``send`` syscall per command, no extra trip through the event loop) and the socket is read
+by a reader callback (:class:`~aiovirt._fds.Readers`) that parses and dispatches in place, with
+no task of its own: on asyncio the loop's, so a reply wakes its caller one loop iteration sooner
+than through a task (measured: sequential round trips from 0.79x to 0.97x of a bare asyncio
+Protocol); on trio one task per :class:`~aiovirt._fds.Readers` (a driver passes the one all its
+monitors share), and a caller waiting for its reply reads the socket itself meanwhile, as a bare
+trio client does (see :meth:`QMPClient._read_as_caller`). A connection then costs no task to
+start, wake or end. Given any anyio ``ByteStream`` the client goes through the stream, read by a
+reader task.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import sniffio
 from .._background import background_tasks
 from .._broadcast import Broadcaster, Subscription
 from .._errors import CommandError, ConnectionLostError, ProtocolError
-from .._fds import FdWaits
+from .._fds import FdWaits, Readers
 from .._unix import connect_unix
 from ._codec import CLOSED, NEED_DATA, CodecState, Event, Greeting, QMPCodec, Response
 
@@ -62,45 +63,49 @@ class _SocketTransport:
     after part of it went out.
     """
 
-    __slots__ = ("_fd", "_loop", "_sock", "_waits", "push_error", "torn")
+    __slots__ = ("_fd", "_readers", "_sock", "_waits", "error", "torn")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._fd = sock.fileno()
         self._waits = FdWaits(self._fd)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        #: The error that ended pushing (reported as EOF to ``on_data``), if one did.
-        self.push_error: OSError | None = None
+        self._readers: Readers | None = None
+        #: The error that ended reading (reported as EOF: b""), if one did.
+        self.error: OSError | None = None
         self.torn = False
 
-    def push_to(self, on_data: Callable[[bytes], None]) -> None:
-        """On asyncio only, on an open socket: from now on call ``on_data`` with what arrives (b""
-        at EOF or on an error) from the loop's reader callback, until :meth:`stop_pushing`.
+    def push_to(self, on_data: Callable[[bytes], None], readers: Readers) -> None:
+        """On an open socket: from now on call ``on_data`` with what arrives (b"" at EOF or on an
+        error) from a reader callback of ``readers``, until :meth:`stop_pushing`.
 
         A reader registered once, instead of ``wait_readable`` per receive (two ``epoll_ctl``
-        calls and a task step): a reply can reach its caller one loop iteration sooner.
+        calls and a task step).
         """
-        sock = self._sock
 
         def readable() -> None:
-            try:
-                data = sock.recv(_RECEIVE_SIZE)
-            except (BlockingIOError, InterruptedError):
+            data = self.recv_ready()
+            if data is None:
                 return  # a spurious wakeup
-            except OSError as exc:
-                self.push_error, data = exc, b""
             if not data:
                 self.stop_pushing()
             on_data(data)
 
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._fd, readable)
+        self._readers = readers
+        readers.add(self._fd, readable)
 
     def stop_pushing(self) -> None:
-        if self._loop is not None:
-            loop, self._loop = self._loop, None
-            loop.remove_reader(self._fd)
+        if self._readers is not None:
+            readers, self._readers = self._readers, None
+            readers.remove(self._fd)
+
+    def pause_pushing(self) -> None:
+        if self._readers is not None:
+            self._readers.pause(self._fd)
+
+    def resume_pushing(self) -> None:
+        if self._readers is not None:
+            self._readers.resume(self._fd)
 
     async def receive(self) -> bytes:
         """The next bytes from the peer; b"" at EOF. Raises OSError or ClosedResourceError."""
@@ -108,6 +113,8 @@ class _SocketTransport:
             await self.wait_readable()
             data = self.recv_ready()
             if data is not None:
+                if not data and self.error is not None:
+                    raise self.error
                 return data
 
     async def wait_readable(self) -> None:
@@ -125,11 +132,15 @@ class _SocketTransport:
             raise anyio.ClosedResourceError
 
     def recv_ready(self) -> bytes | None:
-        """What the peer sent (b"" at EOF), or None if nothing is there after all."""
+        """What the peer sent (b"" at EOF, or on an error: see ``error``), or None if nothing is
+        there after all."""
         try:
             return self._sock.recv(_RECEIVE_SIZE)
         except (BlockingIOError, InterruptedError):
             return None  # a spurious wakeup
+        except OSError as exc:
+            self.error = exc
+            return b""
 
     async def send(self, data: bytes) -> None:
         try:
@@ -194,6 +205,16 @@ class _StreamTransport:
 _Transport: TypeAlias = "_SocketTransport | _StreamTransport"
 
 
+def _cancel_after_wakeups(scope: anyio.CancelScope) -> None:
+    """Cancel ``scope`` once the callers just woken have run: they see their connection lost
+    first, as when a reader task ends it. (anyio on asyncio cancels a woken task that has not run
+    yet; trio does not.)"""
+    if sniffio.current_async_library() == "asyncio":
+        asyncio.get_running_loop().call_soon(scope.cancel)
+    else:
+        scope.cancel()
+
+
 class _Call:
     """One pending execute: woken by the reader with its reply, or with none when the connection ends."""
 
@@ -242,17 +263,13 @@ class QMPClient:
         self._closed_event = anyio.Event()
         self._reader_scope = anyio.CancelScope()
         self._greeting: Greeting | None = None
-        # Pushed by the loop (asyncio, plain socket; see _pushed): the caller's block, cancelled
+        # A plain socket, pushed by reader callbacks (see _pushed): the caller's block, cancelled
         # if on_event raises, and what it raised.
         self._block_scope: anyio.CancelScope | None = None
         self._callback_error: Exception | None = None
-        # A waiting caller reading for the reader task (see _read_as_caller).
+        # A waiting caller reading the socket itself (trio; see _read_as_caller).
         self._callers_may_read = False
         self._caller_reading = False
-        self._caller_done = anyio.Event()
-        self._reader_wait: anyio.CancelScope | None = None
-        self._handoff: BaseException | None = None
-        self._handoff_eof = False
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -266,12 +283,15 @@ class QMPClient:
         handshake_timeout: float = 10.0,
         max_line: int = 1 << 20,
         oob: bool = True,
+        readers: Readers | None = None,
     ) -> AsyncIterator[QMPClient]:
-        """Handshake on ``stream`` (which the client then owns), run the reader, yield the client.
+        """Handshake on ``stream`` (which the client then owns), read it, yield the client.
 
         ``stream`` is a connected anyio byte stream or a connected stream ``socket.socket`` (the
         faster choice: the client then does non-blocking I/O on it directly; it must not be in
-        use by anything else).
+        use by anything else). A socket is read by a callback of ``readers``, which must be served
+        for as long as the client is open; without it the client makes its own (on trio it is
+        served by a task of the client's).
 
         The handshake (read the greeting, send ``qmp_capabilities``, read its reply) completes
         within ``handshake_timeout`` seconds or raises ConnectionLostError whose ``__cause__`` is
@@ -297,19 +317,20 @@ class QMPClient:
         except BaseException:
             await client._transport.aclose()
             raise
-        # How a plain socket is read, decided once: on asyncio by the loop's reader callback
-        # (_pushed), with no task; on trio by the caller waiting for a reply (_read_as_caller),
-        # from the first call on (whatever the codec buffered since the handshake is dispatched
-        # first), and by the reader task otherwise. Any other stream: by the reader task alone.
-        if isinstance(client._transport, _SocketTransport):
-            if sniffio.current_async_library() == "asyncio":
-                async with client._pushed_by_loop(client._transport):
-                    yield client
-                return
-            client._callers_may_read = True
+        transport = client._transport
+        if not isinstance(transport, _SocketTransport):
+            async with background_tasks(client.aclose) as tg:
+                tg.start_soon(client._read_loop)
+                yield client
+            return
+        if readers is not None or not (own := Readers()).needs_task:
+            async with client._pushed(transport, readers or own):
+                yield client
+            return
         async with background_tasks(client.aclose) as tg:
-            tg.start_soon(client._read_loop)
-            yield client
+            tg.start_soon(client._serve, own)
+            async with client._pushed(transport, own):
+                yield client
 
     @classmethod
     @asynccontextmanager
@@ -393,17 +414,14 @@ class QMPClient:
     # -- the reader ------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
+        """The reader task of a stream (a socket is read by :meth:`_pushed` instead)."""
         cause: BaseException | None = None
         reason = "QMP client closed"  # unless the peer ended it (below), we did
         try:
             with self._reader_scope:
                 # The handshake may have buffered messages that followed the negotiation reply.
                 if not self._dispatch_buffered():
-                    transport = self._transport
-                    if isinstance(transport, _SocketTransport) and self._callers_may_read:
-                        cause = await self._read_beside_callers(transport)
-                    else:
-                        cause = await self._receive_until_eof()
+                    cause = await self._receive_until_eof()
                 reason = _CLOSED_BY_QEMU if cause is None else "QMP connection broken"
         except ProtocolError as exc:
             cause, reason = exc, _QEMU_BROKE_PROTOCOL
@@ -433,87 +451,44 @@ class QMPClient:
         self._dispatch_buffered()
         return exc
 
-    async def _read_beside_callers(self, transport: _SocketTransport) -> BaseException | None:
-        """The reader task on a plain socket (trio): it reads while no caller does (see
-        :meth:`_read_as_caller`), and ends the connection with whatever a caller ran into."""
-        feed = self._codec.receive_data
-        while True:
-            handoff = self._handoff
-            if handoff is not None:
-                if isinstance(handoff, _IO_ERRORS):
-                    return self._broken_by(handoff)
-                raise handoff  # ProtocolError, or what on_event raised: as if we had read it
-            if self._handoff_eof:
-                return None
-            if self._caller_reading:
-                await self._caller_done.wait()
-                continue
-            # One scope for as long as no caller takes over, not one per wakeup.
-            with anyio.CancelScope() as wait:
-                self._reader_wait = wait
-                try:
-                    while True:
-                        try:
-                            await transport.wait_readable()
-                            if wait.cancel_called:
-                                break  # a caller took over reading; what is there is its to read
-                            data = transport.recv_ready()
-                        except _IO_ERRORS as exc:
-                            return self._broken_by(exc)
-                        if data is None:
-                            continue
-                        feed(data)
-                        if self._dispatch_buffered():
-                            return None
-                finally:
-                    self._reader_wait = None
+    async def _serve(self, readers: Readers) -> None:
+        """The task that serves a client's own readers (trio), until the client closes."""
+        with self._reader_scope:
+            await readers.serve()
 
     async def _read_as_caller(self, call: _Call) -> None:
         """Read the monitor in the calling task until ``call``'s reply is in (trio, plain socket).
 
-        A bare trio client is woken by the socket itself: one task step per round trip. Through the
-        reader task it takes two (the reader, then the caller) and a trip through the scheduler.
-        So the caller that waits reads, dispatching events and others' replies in order as the
-        reader would; the reader task stands aside meanwhile (its wait is cancelled before it can
-        read) and resumes once no caller reads. Whatever would end the connection (EOF, an I/O
-        error, a protocol error, an exception of on_event) is handed to the reader task, which ends
-        it as it would have; the caller then fails as every pending call does.
+        A bare trio client is woken by the socket itself: one task step per round trip. Through a
+        reader callback it takes two (the readers' task, then the caller) and a trip through the
+        scheduler. So the caller that waits reads, dispatching events and others' replies in order
+        as the callback would (through :meth:`_pushed`: whatever ends the connection ends it here
+        alike), with the callback paused meanwhile.
         """
         transport = self._transport
         assert isinstance(transport, _SocketTransport)
         self._caller_reading = True
-        if self._reader_wait is not None:
-            self._reader_wait.cancel()
+        transport.pause_pushing()
         try:
             while not call.done.is_set():
                 try:
                     await transport.wait_readable()
-                    data = transport.recv_ready()
-                except _IO_ERRORS as exc:
-                    self._handoff = exc
-                    break
-                if data is None:
-                    continue
-                try:
-                    self._codec.receive_data(data)
-                    if self._dispatch_buffered():
-                        self._handoff_eof = True
-                        break
-                except Exception as exc:
-                    self._handoff = exc
-                    break
+                except anyio.ClosedResourceError:
+                    break  # closed meanwhile: the connection has ended, and woke every call
+                data = transport.recv_ready()
+                if data is not None:
+                    self._pushed_data(data)
         finally:
             self._caller_reading = False
-            done, self._caller_done = self._caller_done, anyio.Event()
-            done.set()
+            transport.resume_pushing()
         if not call.done.is_set():  # the connection is ending: it is set then, with no response
             await call.done.wait()
 
     @asynccontextmanager
-    async def _pushed_by_loop(self, transport: _SocketTransport) -> AsyncIterator[None]:
-        """The caller's block while the loop's reader callback reads (asyncio, plain socket).
+    async def _pushed(self, transport: _SocketTransport, readers: Readers) -> AsyncIterator[None]:
+        """The caller's block while a reader callback of ``readers`` reads (a plain socket).
 
-        There is no reader task: :meth:`_pushed` parses and dispatches in the callback. An
+        There is no reader task: :meth:`_pushed_data` parses and dispatches in the callback. An
         exception of ``on_event`` there ends the connection, cancels the block and comes out of it
         in an ExceptionGroup, as a reader task's would out of its task group; the block's own
         exception comes out unwrapped.
@@ -522,9 +497,10 @@ class QMPClient:
         body_error: BaseException | None = None
         try:
             # What the handshake buffered first, then whatever arrives.
-            self._pushed(None)
+            self._pushed_data(None)
             if not self._closed:
-                transport.push_to(self._pushed)
+                transport.push_to(self._pushed_data, readers)
+                self._callers_may_read = readers.needs_task
             with scope:
                 yield
         except BaseException as exc:
@@ -539,10 +515,10 @@ class QMPClient:
         if body_error is not None:
             raise body_error
 
-    def _pushed(self, data: bytes | None) -> None:
-        """The transport's reader callback (asyncio): parse ``data`` (b"" is the end; None: only
-        what the codec already holds), dispatch in order. Whatever ends the connection (EOF, an
-        I/O error, a protocol error, an exception of on_event) ends it here."""
+    def _pushed_data(self, data: bytes | None) -> None:
+        """What a reader callback (or a reading caller) read: parse ``data`` (b"" is the end;
+        None: only what the codec already holds), dispatch in order. Whatever ends the connection
+        (EOF, an I/O error, a protocol error, an exception of on_event) ends it here."""
         if self._closed:
             return  # given up (a torn write): nothing more is dispatched
         transport = self._transport
@@ -552,7 +528,7 @@ class QMPClient:
                 self._codec.receive_data(data)
             if not self._dispatch_buffered():
                 return
-            cause: BaseException | None = transport.push_error
+            cause: BaseException | None = transport.error
             reason = _CLOSED_BY_QEMU if cause is None else "QMP connection broken"
         except ProtocolError as exc:
             cause, reason = exc, _QEMU_BROKE_PROTOCOL
@@ -561,8 +537,7 @@ class QMPClient:
             cause, reason = exc, "QMP connection closed: the on_event callback raised"
             self._callback_error = exc
             if self._block_scope is not None:
-                # After the callers woken below: they see the connection lost, as with a task.
-                asyncio.get_running_loop().call_soon(self._block_scope.cancel)
+                _cancel_after_wakeups(self._block_scope)
         self._finish(reason, cause)
         transport.close()
 
@@ -694,9 +669,8 @@ class QMPClient:
             self._codec.abandon(cmd_id)
 
     def _unusable(self) -> bool:
-        # The codec may have read the peer's end (EOF, or a protocol error) before the reader task
-        # finished the connection: the transport's callback (asyncio) or a reading caller (trio)
-        # parses, and leaves the ending to the reader task. No command can be sent from then on.
+        # The codec may have read the peer's end (EOF, or a protocol error) before the connection
+        # was finished (a stream's reader task parses, then ends it). No command can be sent then.
         return self._closed or self._send_broken is not None or self._codec.state is not CodecState.READY
 
     def _lost(self, command: str) -> ConnectionLostError:

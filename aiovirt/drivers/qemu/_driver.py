@@ -59,7 +59,7 @@ class QemuDriver(Driver):
         self.readonly = readonly
         self.statedir = statedir
         self._tg = task_group
-        #: Where the consoles are read (see :class:`~aiovirt._fds.Readers`).
+        #: Where the monitors and consoles are read (see :class:`~aiovirt._fds.Readers`).
         self.readers = Readers()
         self._problems: list[StateProblem] = []
         self._watched: list[Process] = []  # a read-only connection's pidfds, closed with it

@@ -1,8 +1,9 @@
 """One QEMU process and its monitor: the supervisor that owns both until the process exits.
 
 Each running domain has one supervisor task (in the driver's task group): it is the only waiter on
-the pidfd and the only reader of the monitor, and it reports what it sees (QMP events, the exit)
-to the domain as happenings. QMP's event names become happenings here and nowhere else.
+the pidfd and owns the monitor (read by a callback of the driver's readers), and it reports what
+it sees (QMP events, the exit) to the domain as happenings. QMP's event names become happenings
+here and nowhere else.
 """
 
 from __future__ import annotations
@@ -149,8 +150,8 @@ class QemuMachine(Machine):
     # -- supervision --------------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
-        # Runs where the monitor is read (asyncio: the loop's reader callback; trio: a task), in
-        # QEMU's order.
+        # Runs where the monitor is read (a reader callback, or on trio a caller waiting for its
+        # reply), in QEMU's order.
         if not self._reporting:
             return
         if event.name == "STOP":
@@ -185,7 +186,7 @@ class QemuMachine(Machine):
         proc = self._proc
         ready = False
         try:
-            async with QMPClient.open(sock, on_event=self._on_event) as qmp:
+            async with QMPClient.open(sock, on_event=self._on_event, readers=self._driver.readers) as qmp:
                 await on_ready(qmp)
                 self._qmp = qmp
                 ready = True
@@ -273,7 +274,10 @@ class QemuMachine(Machine):
                         sock = self._driver.statedir.connect_monitor(self._name)
                         limit = _ADOPT_HANDSHAKE_TIMEOUT / (1 if announced else _ADOPT_ATTEMPTS)
                         async with QMPClient.open(
-                            sock, on_event=self._on_event, handshake_timeout=limit
+                            sock,
+                            on_event=self._on_event,
+                            handshake_timeout=limit,
+                            readers=self._driver.readers,
                         ) as qmp:
                             status = (await qmp.execute("query-status"))["status"]
                             booted = status == "prelaunch" or (phase == "starting" and status == "running")
