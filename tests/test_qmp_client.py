@@ -420,7 +420,7 @@ async def test_second_client_handshake_is_bounded(qemu: Qemu) -> None:
 async def test_a_client_closed_before_its_reader_ran_leaves_its_fd_number_alone(
     qemu: Qemu, short_dir: Path
 ) -> None:
-    """A client closed at once, before its reader task first ran, must not wait on the closed
+    """A client closed at once, before anything read its socket, must not wait on the closed
     socket's fd number: by then it may name another socket, whose wait it would break
     (BusyResourceError) or whose event-loop registration it would take and then drop, and that
     socket's owner would never hear from it again."""
@@ -608,15 +608,15 @@ async def test_fake_a_cancelled_caller_leaves_the_monitor_read() -> None:
                 await client.execute("query-status")
             assert scope.cancelled_caught
             replied.set()
-            while "IDLE" not in seen:  # nobody calls: the reader task took reading back
+            while "IDLE" not in seen:  # nobody calls: the reader callback took reading back
                 await anyio.sleep(0.005)
             assert await client.execute("query-status") == {"status": "running"}
             assert seen == ["IDLE"]
 
 
 async def test_fake_on_event_raising_while_a_caller_reads() -> None:
-    """An event before a reply, whose callback raises: the caller that reads (trio) hands the error
-    to the reader task, which ends the connection with it, as when it reads itself."""
+    """An event before a reply, whose callback raises: the caller that reads (trio) ends the
+    connection with it, as the reader callback does when it reads."""
 
     async def script(peer: FakePeer) -> None:
         await peer.negotiate()
@@ -646,8 +646,8 @@ async def test_fake_on_event_raising_while_a_caller_reads() -> None:
 @pytest.mark.parametrize("last", [1, 2, 5, 13])
 async def test_fake_commands_racing_the_monitors_end_get_connection_lost(last: int) -> None:
     """Callers keep sending while QEMU answers ``last`` commands and hangs up. The end is read by
-    whoever parses (asyncio: the reader callback; trio: a reading caller) before the reader task
-    finishes the connection: a command sent in between must fail as lost, never with the codec's
+    whoever parses (the reader callback, or on trio a reading caller), which finishes the
+    connection: a command sent in between must fail as lost, never with the codec's
     LocalProtocolError (found by the crash-safety run, seed 3898967572)."""
 
     async def script(peer: FakePeer) -> None:
