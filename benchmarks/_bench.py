@@ -138,47 +138,6 @@ def become_subreaper(enable: bool = True) -> None:
         print("warning: cannot change the child-subreaper flag", file=sys.stderr)
 
 
-# -- a quiet file system between workers ------------------------------------------------------
-
-#: Creating a file costs about 20-40 us of CPU on this machine's ext4, but 350-900 us for some
-#: seconds after a worker's end (measured: from about 2 s to 8 s after the raw baseline's, whose
-#: state directory of thousands of sockets and logs is then deleted). A worker started then pays
-#: for its predecessor, and the more files a backend creates per domain the more it pays (aiovirt
-#: creates six per domain in a fleet start, the raw baseline three), so each worker waits until
-#: creating a file has been cheap for SETTLED_SPAN_S in a row (probed every second).
-SETTLED_CREATE_US = 100.0
-SETTLED_SPAN_S = 6
-SETTLE_LIMIT_S = 90.0
-
-
-def create_cost_us(directory: str | None = None, files: int = 20) -> float:
-    """CPU microseconds per file created (and written, 800 bytes) in a fresh directory."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="aiovirt-settle-", dir=directory) as d:
-        dirfd = os.open(d, os.O_RDONLY)
-        try:
-            start = time.process_time()
-            for i in range(files):
-                fd = os.open(f"{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dirfd)
-                os.write(fd, b"x" * 800)
-                os.close(fd)
-            return (time.process_time() - start) / files * 1e6
-        finally:
-            os.close(dirfd)
-
-
-def settle_filesystem(directory: str | None = None) -> float:
-    """Wait until creating a file in ``directory`` has been cheap for :data:`SETTLED_SPAN_S` probes
-    in a row (see :data:`SETTLED_CREATE_US`), at most :data:`SETTLE_LIMIT_S`; the seconds waited."""
-    start = time.monotonic()
-    quiet = 0
-    while quiet < SETTLED_SPAN_S and time.monotonic() - start < SETTLE_LIMIT_S:
-        quiet = quiet + 1 if create_cost_us(directory) <= SETTLED_CREATE_US else 0
-        time.sleep(1.0)
-    return round(time.monotonic() - start, 1)
-
-
 # -- running a worker in a fresh interpreter ---------------------------------------------------
 
 

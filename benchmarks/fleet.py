@@ -27,11 +27,6 @@ Backends, each in a fresh interpreter (so thread and memory figures are its own)
 - ``libvirt`` (``--libvirt``): libvirtd + libvirt-python from Debian's ``/usr/bin/python3``, 64
   client threads (``libvirt_fleet.py``); define is not timed, ``create`` and ``destroy`` are.
 
-Before each worker the file system is let settle (``_bench.settle_filesystem``): on this
-machine's ext4, creating a file costs 10-40 times more CPU for some seconds after a worker's end
-(its state directory deleted), which the next worker would otherwise pay for its predecessor.
-The seconds waited are each run's ``settle_s``.
-
 Prints one JSON object and a markdown table (``--json-out`` / ``--md-out`` also write them).
 """
 
@@ -528,11 +523,9 @@ def main(argv: list[str] | None = None) -> None:
     for rep in range(args.repeat):
         for backend in backends:
             print(f"[fleet] {backend} n={args.n} machine={args.machine} run {rep + 1}", file=sys.stderr)
-            settled = _bench.settle_filesystem(args.state_base)
             result = _bench.run_worker(worker_argv(args, backend, args.n))
             result.setdefault("backend", backend)
             result["repeat"] = rep
-            result["settle_s"] = settled
             print(f"[fleet]   {_short(result)}", file=sys.stderr)
             runs.append(result)
     if args.libvirt:
@@ -540,10 +533,8 @@ def main(argv: list[str] | None = None) -> None:
         _bench.become_subreaper(False)  # libvirtd and its QEMUs daemonize: they are not ours to reap
         for rep in range(args.repeat):
             print(f"[fleet] libvirt n={args.n} run {rep + 1}", file=sys.stderr)
-            settled = _bench.settle_filesystem(args.state_base)
             result = run_libvirt(args.n, args.machine, args.memory_mib, args.libvirt_workers)
             result["repeat"] = rep
-            result["settle_s"] = settled
             print(f"[fleet]   {_short(result)}", file=sys.stderr)
             runs.append(result)
             if not result.get("ok"):
@@ -573,8 +564,7 @@ def _short(result: Result) -> str:
         return f"FAILED: {result.get('error')}"
     return (
         f"start {result.get('start_s')} s, destroy {result.get('destroy_s')} s, "
-        f"threads {result.get('peak_threads_sampled')}, {result.get('kib_per_domain')} KiB/domain "
-        f"(after {result.get('settle_s')} s for the file system to settle)"
+        f"threads {result.get('peak_threads_sampled')}, {result.get('kib_per_domain')} KiB/domain"
     )
 
 
