@@ -323,14 +323,16 @@ class QMPClient:
                 tg.start_soon(client._read_loop)
                 yield client
             return
-        if readers is not None or not (own := Readers()).needs_task:
-            async with client._pushed(transport, readers or own):
-                yield client
-            return
-        async with background_tasks(client.aclose) as tg:
-            tg.start_soon(client._serve, own)
-            async with client._pushed(transport, own):
-                yield client
+        if readers is None:
+            readers = Readers()
+            if readers.needs_task:  # trio: a client of its own serves its own
+                async with background_tasks(client.aclose) as tg:
+                    tg.start_soon(client._serve, readers)
+                    async with client._pushed(transport, readers):
+                        yield client
+                return
+        async with client._pushed(transport, readers):
+            yield client
 
     @classmethod
     @asynccontextmanager
